@@ -1,0 +1,73 @@
+//! The HTTP API (axum). `app(state)` builds the router without a socket, so tests call it
+//! with `oneshot`. Errors are RFC 9457 problem documents; client errors name the field.
+
+mod jobs;
+mod problem;
+mod runs;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::Router;
+use sqlx::PgPool;
+
+use crate::auth::{self, Caller};
+use crate::client::Client;
+use crate::runs::RunService;
+pub use problem::ApiError;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub client: Client,
+    pub runs: RunService,
+}
+
+impl AppState {
+    pub fn new(pool: PgPool, schema: &str) -> Self {
+        let client = Client::new(pool.clone(), schema);
+        Self {
+            runs: RunService {
+                pool: pool.clone(),
+                client: client.clone(),
+            },
+            pool,
+            client,
+        }
+    }
+}
+
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .merge(runs::routes())
+        .merge(jobs::routes())
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .with_state(state)
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or(ApiError::Unauthorized("send `Authorization: Bearer <token>`; create a token with `hangar token create`"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .ok_or(ApiError::Unauthorized("the Authorization header must be `Bearer <token>`"))?;
+        auth::authenticate(&state.pool, token.trim())
+            .await?
+            .ok_or(ApiError::Unauthorized("the token is unknown or revoked"))
+    }
+}
+
+/// Refuses a caller without `claim`.
+pub fn require(caller: &Caller, claim: &'static str) -> Result<(), ApiError> {
+    if caller.has(claim) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(claim))
+    }
+}

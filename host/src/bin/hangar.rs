@@ -1,0 +1,249 @@
+//! The `hangar` command line: the server, migrations, tokens, the MMDetection install, jobs,
+//! and the benchmark.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+use hangar::api::{self, AppState};
+use hangar::client::Client;
+use hangar::config::Config;
+use hangar::database;
+use hangar::executor::command::CommandHandler;
+use hangar::executor::{HandlerRegistry, NoopHandler};
+use hangar::runs::files::RunFiles;
+use hangar::runs::observer::RunStatusFollower;
+use hangar::server::{RunningServer, ServerParts};
+use hangar::state::NewJob;
+
+#[derive(Parser)]
+#[command(name = "hangar", version, about = "A job host for MMDetection runs on PostgreSQL")]
+struct Cli {
+    /// TOML configuration file (environment variables HANGAR_* override it).
+    #[arg(long, short, global = true, env = "HANGAR_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a server: workers, maintenance and the HTTP API.
+    Serve {
+        /// Do not serve HTTP (a worker-only node).
+        #[arg(long)]
+        no_http: bool,
+    },
+    /// Apply pending migrations to the configured schema.
+    Migrate,
+    /// Manage API tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Manage the MMDetection environment.
+    Mmdet {
+        #[command(subcommand)]
+        command: MmdetCommand,
+    },
+    /// Create and inspect jobs.
+    Job {
+        #[command(subcommand)]
+        command: JobCommand,
+    },
+    /// Measure no-op job throughput and enqueue→start latency on a throwaway embedded database.
+    Bench(hangar_bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token and print it (it is shown only once).
+    Create {
+        #[arg(long)]
+        name: String,
+        /// A claim the token carries (repeatable): runs:read, runs:write, jobs:read,
+        /// jobs:write, plugins:manage, admin.
+        #[arg(long = "claim", required = true)]
+        claims: Vec<String>,
+    },
+    /// Revoke every token with this name.
+    Revoke {
+        #[arg(long)]
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum MmdetCommand {
+    /// Create the MMDetection venv (cached under ~/.cache/hangar; quick when already done).
+    Install,
+}
+
+#[derive(Subcommand)]
+enum JobCommand {
+    /// Enqueue a job.
+    Enqueue {
+        #[arg(long)]
+        kind: String,
+        #[arg(long, default_value = "default")]
+        queue: String,
+        /// Arguments as JSON.
+        #[arg(long, default_value = "{}")]
+        args: String,
+    },
+    /// Show a job: state, parameters, history.
+    Show { id: i64 },
+}
+
+#[path = "../bench.rs"]
+mod hangar_bench;
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("HANGAR_LOG").unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("HANGAR_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("hangar: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Bench(args) = cli.command {
+        return hangar_bench::run(args).await;
+    }
+    let config = Arc::new(Config::load(cli.config.as_deref())?);
+    match cli.command {
+        Command::Serve { no_http } => serve(config, no_http).await,
+        Command::Migrate => {
+            let mut migrating = (*config).clone();
+            migrating.prepare_schema_if_necessary = true;
+            let db = database::open(&migrating, 2).await?;
+            println!("schema {} is up to date", config.schema_name);
+            drop(db);
+            Ok(())
+        }
+        Command::Token { command } => {
+            let db = database::open(&config, 2).await?;
+            match command {
+                TokenCommand::Create { name, claims } => {
+                    let token = hangar::auth::create_token(&db.pool, &name, &claims).await?;
+                    println!("{token}");
+                }
+                TokenCommand::Revoke { name } => {
+                    let revoked = hangar::auth::revoke(&db.pool, &name).await?;
+                    if revoked == 0 {
+                        bail!("no active token is named {name:?}");
+                    }
+                    println!("revoked {revoked} token(s)");
+                }
+            }
+            Ok(())
+        }
+        Command::Mmdet { command: MmdetCommand::Install } => install_mmdet(&config),
+        Command::Job { command } => {
+            let db = database::open(&config, 2).await?;
+            let client = Client::new(db.pool.clone(), &config.schema_name);
+            match command {
+                JobCommand::Enqueue { kind, queue, args } => {
+                    let args: serde_json::Value = serde_json::from_str(&args).context("--args is not valid JSON")?;
+                    let id = client.enqueue(&NewJob::new(kind, queue).with_args(args)).await?;
+                    println!("{id}");
+                }
+                JobCommand::Show { id } => {
+                    let details = client.details(id).await?.with_context(|| format!("job {id} does not exist"))?;
+                    println!("{}", serde_json::to_string_pretty(&details)?);
+                }
+            }
+            Ok(())
+        }
+        Command::Bench(_) => unreachable!("handled above"),
+    }
+}
+
+fn install_mmdet(config: &Config) -> anyhow::Result<()> {
+    let script = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../python/install-mmdet.sh"));
+    let link = std::path::absolute(config.data_dir.join("mmdet-venv"))?;
+    let status = std::process::Command::new("bash")
+        .arg(&script)
+        .env("HANGAR_MMDET_VENV_LINK", &link)
+        .status()
+        .with_context(|| format!("cannot run {}", script.display()))?;
+    if !status.success() {
+        bail!("installing the MMDetection environment failed ({status}); see the messages above");
+    }
+    Ok(())
+}
+
+/// The handlers a standard server runs.
+fn standard_handlers(config: &Config) -> HandlerRegistry {
+    let mut handlers = HandlerRegistry::default();
+    hangar::runs::register_handlers(&mut handlers, config);
+    handlers.register("command", CommandHandler);
+    handlers.register("noop", NoopHandler);
+    handlers
+}
+
+async fn serve(config: Arc<Config>, no_http: bool) -> anyhow::Result<()> {
+    let max_connections = u32::try_from(config.worker_count).unwrap_or(u32::MAX).saturating_add(10);
+    let db = database::open(&config, max_connections).await?;
+    let mut parts = ServerParts::new(Arc::clone(&config), db.pool.clone(), standard_handlers(&config));
+    parts.observers.push(Arc::new(RunStatusFollower {
+        files: RunFiles::new(&config),
+    }));
+    let server = RunningServer::start(parts).await?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let http = if no_http {
+        None
+    } else {
+        let listener = tokio::net::TcpListener::bind(&config.http_listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.http_listen))?;
+        let address = listener.local_addr()?;
+        println!("hangar listening on http://{address} (server {})", server.id());
+        let app = api::app(AppState::new(db.pool.clone(), &config.schema_name));
+        let stop = shutdown.clone();
+        Some(tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        }))
+    };
+    wait_for_signal().await?;
+    tracing::info!("shutdown signal received");
+    server.shutdown().await;
+    shutdown.cancel();
+    if let Some(http) = http {
+        http.await??;
+    }
+    db.pool.close().await;
+    drop(db);
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    Ok(())
+}

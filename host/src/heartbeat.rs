@@ -1,0 +1,75 @@
+//! The server's heartbeat and lease watchdog.
+//!
+//! The heartbeat renews, in one statement, the lease of every job this server holds, and
+//! notices jobs it no longer holds. The watchdog runs apart from it: if renewals stall (the
+//! database is slow, unreachable, or a lock blocks the statement), it stops each job's
+//! subprocess early enough that the kill path (SIGTERM, grace, SIGKILL) ends before the lease
+//! can expire — so no other server ever starts a job whose previous process is still alive.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::running::RunningJobs;
+use crate::storage::{jobs, servers, StorageError};
+
+/// How old a lease basis may get before the watchdog stops the job.
+pub fn stop_deadline(config: &Config) -> Duration {
+    config
+        .lease_duration
+        .saturating_sub(config.kill_grace_period)
+        .saturating_sub(config.heartbeat_interval)
+}
+
+pub async fn run_heartbeat(
+    pool: PgPool,
+    config: Arc<Config>,
+    server_id: String,
+    running: RunningJobs,
+    stop: CancellationToken,
+) {
+    let lease_ms = i64::try_from(config.lease_duration.as_millis()).unwrap_or(i64::MAX);
+    let mut ticker = tokio::time::interval(config.heartbeat_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let sent_at = Instant::now();
+        match renew(&pool, &server_id, lease_ms, config.heartbeat_interval).await {
+            Ok(held) => running.renewed(sent_at, &held),
+            Err(error) => tracing::warn!(%error, server = %server_id, "heartbeat failed; leases not renewed"),
+        }
+    }
+}
+
+async fn renew(
+    pool: &PgPool,
+    server_id: &str,
+    lease_ms: i64,
+    budget: Duration,
+) -> Result<Vec<(i64, i32)>, StorageError> {
+    let mut tx = pool.begin().await?;
+    // A renewal that takes longer than a heartbeat is useless: give up and let the next one try.
+    crate::storage::set_local_statement_timeout(&mut tx, budget).await?;
+    let held = jobs::renew_leases(&mut tx, server_id, lease_ms).await?;
+    servers::heartbeat(&mut tx, server_id).await?;
+    tx.commit().await?;
+    Ok(held)
+}
+
+pub async fn run_watchdog(config: Arc<Config>, running: RunningJobs, stop: CancellationToken) {
+    let deadline = stop_deadline(&config);
+    let period = (config.heartbeat_interval / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
+    let mut ticker = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticker.tick() => running.stop_expiring(Instant::now(), deadline),
+        }
+    }
+}

@@ -1,0 +1,484 @@
+//! Statements over `jobs`, `job_states`, `job_parameters` and `continuations`.
+//!
+//! Every write that ends a processing attempt is fenced on (id, attempt, owner): a job that was
+//! rescued or released cannot be finished by an owner that no longer holds it.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool};
+
+use super::StorageError;
+use crate::state::{ContinuationOption, FetchedJob, JobId, JobState, NewJob};
+
+type Result<T> = std::result::Result<T, StorageError>;
+
+/// Inserts one job in `state` with its first history entry.
+pub async fn insert(
+    conn: &mut PgConnection,
+    job: &NewJob,
+    state: JobState,
+    scheduled_at: Option<DateTime<Utc>>,
+    reason: &str,
+) -> Result<JobId> {
+    let id = sqlx::query_scalar(
+        "WITH inserted AS (
+             INSERT INTO jobs (kind, args, queue, state, timeout_ms, scheduled_at)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             RETURNING id, state, scheduled_at
+         ), history AS (
+             INSERT INTO job_states (job_id, state, attempt, reason, data)
+             SELECT id, state, 0, $7,
+                    CASE WHEN scheduled_at IS NULL THEN '{}'::jsonb
+                         ELSE jsonb_build_object('scheduled_at', scheduled_at) END
+             FROM inserted
+         )
+         SELECT id FROM inserted",
+    )
+    .bind(&job.kind)
+    .bind(&job.args)
+    .bind(&job.queue)
+    .bind(state.as_str())
+    .bind(job.timeout_ms)
+    .bind(scheduled_at)
+    .bind(reason)
+    .fetch_one(conn)
+    .await?;
+    Ok(id)
+}
+
+/// Inserts many enqueued jobs in one statement (ids in input order).
+pub async fn insert_enqueued_batch(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Vec<JobId>> {
+    let kinds: Vec<&str> = jobs.iter().map(|j| j.kind.as_str()).collect();
+    let args: Vec<&serde_json::Value> = jobs.iter().map(|j| &j.args).collect();
+    let queues: Vec<&str> = jobs.iter().map(|j| j.queue.as_str()).collect();
+    let timeouts: Vec<Option<i64>> = jobs.iter().map(|j| j.timeout_ms).collect();
+    let ids = sqlx::query_scalar(
+        "WITH inserted AS (
+             INSERT INTO jobs (kind, args, queue, state, timeout_ms)
+             SELECT kind, args, queue, 'enqueued', timeout_ms
+             FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::bigint[])
+                  WITH ORDINALITY AS input(kind, args, queue, timeout_ms, ordinal)
+             ORDER BY ordinal
+             RETURNING id
+         ), history AS (
+             INSERT INTO job_states (job_id, state, attempt, reason)
+             SELECT id, 'enqueued', 0, 'created' FROM inserted
+         )
+         SELECT id FROM inserted ORDER BY id",
+    )
+    .bind(&kinds)
+    .bind(&args)
+    .bind(&queues)
+    .bind(&timeouts)
+    .fetch_all(conn)
+    .await?;
+    Ok(ids)
+}
+
+/// Wakes the producers of `queues` when the surrounding transaction commits. The payload is
+/// the queue name only; producers re-read the table.
+pub async fn notify_queues(conn: &mut PgConnection, channel: &str, queues: &[&str]) -> Result<()> {
+    sqlx::query("SELECT pg_notify($1, queue) FROM (SELECT DISTINCT unnest($2::text[]) AS queue) q")
+        .bind(channel)
+        .bind(queues)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Sets a parameter; false when the job does not exist.
+pub async fn set_parameter(conn: &mut PgConnection, id: JobId, name: &str, value: &str) -> Result<bool> {
+    let done = sqlx::query(
+        "INSERT INTO job_parameters (job_id, name, value)
+         SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM jobs WHERE id = $1)
+         ON CONFLICT (job_id, name) DO UPDATE SET value = excluded.value",
+    )
+    .bind(id)
+    .bind(name)
+    .bind(value)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+pub async fn get_parameter(conn: &mut PgConnection, id: JobId, name: &str) -> Result<Option<String>> {
+    let value = sqlx::query_scalar("SELECT value FROM job_parameters WHERE job_id = $1 AND name = $2")
+        .bind(id)
+        .bind(name)
+        .fetch_optional(conn)
+        .await?;
+    Ok(value)
+}
+
+pub async fn parameters(conn: &mut PgConnection, id: JobId) -> Result<Vec<(String, String)>> {
+    let rows = sqlx::query_as("SELECT name, value FROM job_parameters WHERE job_id = $1 ORDER BY name")
+        .bind(id)
+        .fetch_all(conn)
+        .await?;
+    Ok(rows)
+}
+
+/// The job's state, locked until the transaction ends (serialises with its completion).
+pub async fn lock_state(conn: &mut PgConnection, id: JobId) -> Result<Option<JobState>> {
+    let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .fetch_optional(conn)
+        .await?;
+    Ok(state.as_deref().and_then(JobState::parse))
+}
+
+pub async fn insert_continuation(
+    conn: &mut PgConnection,
+    parent: JobId,
+    child: JobId,
+    option: ContinuationOption,
+) -> Result<()> {
+    sqlx::query("INSERT INTO continuations (child_id, parent_id, option) VALUES ($1, $2, $3)")
+        .bind(child)
+        .bind(parent)
+        .bind(option.as_str())
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Moves a job that is not processing to Deleted. Returns the state it was in (None: no such
+/// job); a processing or already deleted job is left as it is.
+pub async fn delete(conn: &mut PgConnection, id: JobId, reason: &str) -> Result<Option<JobState>> {
+    let Some(state) = lock_state(conn, id).await? else {
+        return Ok(None);
+    };
+    if state != JobState::Processing && state != JobState::Deleted {
+        sqlx::query(
+            "WITH deleted AS (
+                 UPDATE jobs SET state = 'deleted', scheduled_at = NULL, updated_at = now(),
+                                 finished_at = now()
+                 WHERE id = $1 RETURNING id, attempt
+             )
+             INSERT INTO job_states (job_id, state, attempt, reason)
+             SELECT id, 'deleted', attempt, $2 FROM deleted",
+        )
+        .bind(id)
+        .bind(reason)
+        .execute(conn)
+        .await?;
+    }
+    Ok(Some(state))
+}
+
+/// Takes up to `limit` enqueued jobs for `owner`, queue by queue in priority order, at most
+/// `quotas[i]` from `queues[i]`, and starts their next attempt under a lease.
+/// `FOR UPDATE SKIP LOCKED` lets any number of producers fetch at once without waiting.
+pub async fn fetch(
+    pool: &PgPool,
+    owner: &str,
+    queues: &[String],
+    quotas: &[i32],
+    limit: i32,
+    lease_ms: i64,
+) -> Result<Vec<FetchedJob>> {
+    let jobs = sqlx::query_as(
+        "WITH picked AS (
+             SELECT candidate.id
+             FROM unnest($2::text[], $3::int[]) WITH ORDINALITY AS q(name, quota, ordinal)
+             CROSS JOIN LATERAL (
+                 SELECT id FROM jobs
+                 WHERE state = 'enqueued' AND queue = q.name
+                 ORDER BY id
+                 LIMIT q.quota
+                 FOR UPDATE SKIP LOCKED
+             ) candidate
+             ORDER BY q.ordinal, candidate.id
+             LIMIT $4
+         ), started AS (
+             UPDATE jobs SET state = 'processing', attempt = jobs.attempt + 1, lease_owner = $1,
+                             lease_expires_at = now() + $5 * interval '1 millisecond',
+                             scheduled_at = NULL, updated_at = now()
+             FROM picked WHERE jobs.id = picked.id
+             RETURNING jobs.id, jobs.kind, jobs.args, jobs.queue, jobs.attempt, jobs.failures,
+                       jobs.timeout_ms, jobs.created_at
+         ), history AS (
+             INSERT INTO job_states (job_id, state, attempt, reason, data)
+             SELECT id, 'processing', attempt, 'fetched', jsonb_build_object('server', $1::text)
+             FROM started
+         )
+         SELECT * FROM started ORDER BY id",
+    )
+    .bind(owner)
+    .bind(queues)
+    .bind(quotas)
+    .bind(limit)
+    .bind(lease_ms)
+    .fetch_all(pool)
+    .await?;
+    Ok(jobs)
+}
+
+/// The state a processing attempt ends in, as the completer or the rescuer decided it.
+#[derive(Debug, Clone)]
+pub struct AttemptEnd {
+    pub id: JobId,
+    pub attempt: i32,
+    /// The owner that must still hold the job for the write to apply.
+    pub owner: String,
+    pub state: JobState,
+    pub reason: String,
+    pub data: serde_json::Value,
+    pub scheduled_at: Option<DateTime<Utc>>,
+    /// Whether this attempt counts as a failure (for the retry policy).
+    pub failed: bool,
+}
+
+/// A row that [`end_attempts`] applied.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct EndedAttempt {
+    pub id: JobId,
+    pub state: String,
+    pub queue: String,
+}
+
+/// Ends attempts in one statement. Rows whose fence no longer matches (rescued, released or
+/// already ended) are skipped; with `only_expired`, only jobs whose lease has run out are
+/// touched (the rescuer's fence).
+pub async fn end_attempts(
+    conn: &mut PgConnection,
+    ends: &[AttemptEnd],
+    only_expired: bool,
+) -> Result<Vec<EndedAttempt>> {
+    if ends.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<JobId> = ends.iter().map(|e| e.id).collect();
+    let attempts: Vec<i32> = ends.iter().map(|e| e.attempt).collect();
+    let owners: Vec<&str> = ends.iter().map(|e| e.owner.as_str()).collect();
+    let states: Vec<&str> = ends.iter().map(|e| e.state.as_str()).collect();
+    let reasons: Vec<&str> = ends.iter().map(|e| e.reason.as_str()).collect();
+    let data: Vec<&serde_json::Value> = ends.iter().map(|e| &e.data).collect();
+    let scheduled: Vec<Option<DateTime<Utc>>> = ends.iter().map(|e| e.scheduled_at).collect();
+    let failures: Vec<i32> = ends.iter().map(|e| i32::from(e.failed)).collect();
+    let ended = sqlx::query_as(
+        "WITH decided AS (
+             SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::text[],
+                                  $6::jsonb[], $7::timestamptz[], $8::int[])
+                 AS d(id, attempt, owner, state, reason, data, scheduled_at, failures)
+         ), applied AS (
+             UPDATE jobs j
+             SET state = d.state, lease_owner = NULL, lease_expires_at = NULL,
+                 scheduled_at = d.scheduled_at, failures = j.failures + d.failures,
+                 updated_at = now(),
+                 finished_at = CASE WHEN d.state IN ('succeeded', 'failed', 'deleted')
+                                    THEN now() END
+             FROM decided d
+             WHERE j.id = d.id AND j.attempt = d.attempt AND j.lease_owner = d.owner
+               AND j.state = 'processing' AND (NOT $9 OR j.lease_expires_at < now())
+             RETURNING j.id, j.attempt, j.state, j.queue
+         ), history AS (
+             INSERT INTO job_states (job_id, state, attempt, reason, data)
+             SELECT a.id, a.state, a.attempt, d.reason, d.data
+             FROM applied a JOIN decided d ON d.id = a.id
+         )
+         SELECT id, state, queue FROM applied",
+    )
+    .bind(&ids)
+    .bind(&attempts)
+    .bind(&owners)
+    .bind(&states)
+    .bind(&reasons)
+    .bind(&data)
+    .bind(&scheduled)
+    .bind(&failures)
+    .bind(only_expired)
+    .fetch_all(conn)
+    .await?;
+    Ok(ended)
+}
+
+/// A continuation moved out of Awaiting.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ResolvedChild {
+    pub id: JobId,
+    pub state: String,
+    pub queue: String,
+}
+
+/// Moves the awaiting children of `parents` that reached a final state: to Enqueued when the
+/// parent's state matches the option, else to Deleted. Run in its own statement after the
+/// parents' update so it sees continuations committed while the parents were locked.
+pub async fn resolve_continuations(conn: &mut PgConnection, parents: &[JobId]) -> Result<Vec<ResolvedChild>> {
+    let children = sqlx::query_as(
+        "WITH parents AS (
+             SELECT id, state FROM jobs
+             WHERE id = ANY($1) AND state IN ('succeeded', 'failed', 'deleted')
+         ), resolved AS (
+             UPDATE jobs c
+             SET state = CASE WHEN p.state = 'succeeded'
+                                   OR (p.state = 'failed' AND k.option = 'on_any_final')
+                              THEN 'enqueued' ELSE 'deleted' END,
+                 updated_at = now(),
+                 finished_at = CASE WHEN p.state = 'succeeded'
+                                         OR (p.state = 'failed' AND k.option = 'on_any_final')
+                                    THEN NULL ELSE now() END
+             FROM continuations k JOIN parents p ON p.id = k.parent_id
+             WHERE c.id = k.child_id AND c.state = 'awaiting'
+             RETURNING c.id, c.state, c.queue, p.id AS parent_id, p.state AS parent_state
+         ), history AS (
+             INSERT INTO job_states (job_id, state, attempt, reason, data)
+             SELECT id, state, 0, 'parent ' || parent_state, jsonb_build_object('parent', parent_id)
+             FROM resolved
+         )
+         SELECT id, state, queue FROM resolved",
+    )
+    .bind(parents)
+    .fetch_all(conn)
+    .await?;
+    Ok(children)
+}
+
+/// Renews the lease of every job `owner` holds; returns the (id, attempt) it still holds.
+pub async fn renew_leases(conn: &mut PgConnection, owner: &str, lease_ms: i64) -> Result<Vec<(JobId, i32)>> {
+    let held = sqlx::query_as(
+        "UPDATE jobs SET lease_expires_at = now() + $2 * interval '1 millisecond'
+         WHERE lease_owner = $1 AND state = 'processing'
+         RETURNING id, attempt",
+    )
+    .bind(owner)
+    .bind(lease_ms)
+    .fetch_all(conn)
+    .await?;
+    Ok(held)
+}
+
+/// Moves due scheduled jobs to their queue; returns their queues.
+pub async fn enqueue_due(conn: &mut PgConnection, limit: i64) -> Result<Vec<String>> {
+    let queues = sqlx::query_scalar(
+        "WITH due AS (
+             SELECT id FROM jobs
+             WHERE state = 'scheduled' AND scheduled_at <= now()
+             ORDER BY scheduled_at LIMIT $1
+             FOR UPDATE SKIP LOCKED
+         ), enqueued AS (
+             UPDATE jobs SET state = 'enqueued', scheduled_at = NULL, updated_at = now()
+             FROM due WHERE jobs.id = due.id
+             RETURNING jobs.id, jobs.attempt, jobs.queue
+         ), history AS (
+             INSERT INTO job_states (job_id, state, attempt, reason)
+             SELECT id, 'enqueued', attempt, 'scheduled time reached' FROM enqueued
+         )
+         SELECT queue FROM enqueued",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    Ok(queues)
+}
+
+/// A processing job whose owner's lease ran out.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ExpiredJob {
+    pub id: JobId,
+    pub kind: String,
+    pub queue: String,
+    pub attempt: i32,
+    pub failures: i32,
+    pub lease_owner: String,
+}
+
+/// Up to `limit` processing jobs whose lease has run out. Not locked: the rescue write is
+/// itself fenced on the expired lease, so a job is rescued once however many look.
+pub async fn expired_leases(pool: &PgPool, limit: i64) -> Result<Vec<ExpiredJob>> {
+    let jobs = sqlx::query_as(
+        "SELECT id, kind, queue, attempt, failures, lease_owner FROM jobs
+         WHERE state = 'processing' AND lease_expires_at < now()
+         ORDER BY lease_expires_at LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(jobs)
+}
+
+/// Deletes finished jobs older than the retention, keeping parents of waiting continuations.
+pub async fn expire_finished(pool: &PgPool, retention_ms: i64, limit: i64) -> Result<u64> {
+    let done = sqlx::query(
+        "DELETE FROM jobs WHERE id IN (
+             SELECT j.id FROM jobs j
+             WHERE j.finished_at < now() - $1 * interval '1 millisecond'
+               AND NOT EXISTS (SELECT 1 FROM continuations k JOIN jobs c ON c.id = k.child_id
+                               WHERE k.parent_id = j.id AND c.state = 'awaiting')
+             LIMIT $2)",
+    )
+    .bind(retention_ms)
+    .bind(limit)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// A job as the API and tests see it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct JobRow {
+    pub id: JobId,
+    pub kind: String,
+    pub args: serde_json::Value,
+    pub queue: String,
+    pub state: String,
+    pub attempt: i32,
+    pub failures: i32,
+    pub timeout_ms: Option<i64>,
+    pub scheduled_at: Option<DateTime<Utc>>,
+    pub lease_owner: Option<String>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct HistoryEntry {
+    pub state: String,
+    pub attempt: i32,
+    pub reason: Option<String>,
+    pub data: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+}
+
+pub async fn get(conn: &mut PgConnection, id: JobId) -> Result<Option<JobRow>> {
+    let row = sqlx::query_as("SELECT * FROM jobs WHERE id = $1")
+        .bind(id)
+        .fetch_optional(conn)
+        .await?;
+    Ok(row)
+}
+
+pub async fn history(conn: &mut PgConnection, id: JobId) -> Result<Vec<HistoryEntry>> {
+    let rows = sqlx::query_as(
+        "SELECT state, attempt, reason, data, created_at FROM job_states WHERE job_id = $1 ORDER BY id",
+    )
+    .bind(id)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows)
+}
+
+/// Job counts per state (for operators and the benchmark).
+pub async fn count_by_state(pool: &PgPool) -> Result<Vec<(String, i64)>> {
+    let rows = sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state ORDER BY state")
+        .fetch_all(pool)
+        .await?;
+    Ok(rows)
+}
+
+/// Locks the job against state changes for the transaction if `fence` still holds it.
+pub async fn lock_if_held(conn: &mut PgConnection, fence: &crate::state::Fence) -> Result<bool> {
+    let held: Option<i64> = sqlx::query_scalar(
+        "SELECT id FROM jobs WHERE id = $1 AND attempt = $2 AND lease_owner = $3
+                               AND state = 'processing'
+         FOR SHARE",
+    )
+    .bind(fence.job_id)
+    .bind(fence.attempt)
+    .bind(&fence.owner)
+    .fetch_optional(conn)
+    .await?;
+    Ok(held.is_some())
+}
