@@ -314,7 +314,14 @@ pub fn find_bin_dir() -> Option<PathBuf> {
     let has_server = |dir: &Path| dir.join("initdb").is_file() && dir.join("postgres").is_file();
     if let Some(path) = std::env::var_os("PATH") {
         if let Some(dir) = std::env::split_paths(&path).find(|dir| has_server(dir)) {
-            return Some(dir);
+            // PATH often holds symlinks to a few of the binaries (e.g. /usr/local/bin/postgres);
+            // the real directory has the rest (pg_isready).
+            return dir
+                .join("postgres")
+                .canonicalize()
+                .ok()
+                .and_then(|real| real.parent().map(Path::to_path_buf))
+                .or(Some(dir));
         }
     }
     let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")

@@ -15,7 +15,7 @@ use crate::storage::StorageError;
 pub enum ApiError {
     #[error("{detail}")]
     BadRequest { field: Option<String>, detail: String },
-    #[error("{field}: {detail}")]
+    #[error("{}", invalid_detail(field, detail))]
     Invalid { field: String, detail: String },
     #[error("{0}")]
     NotFound(String),
@@ -27,6 +27,15 @@ pub enum ApiError {
     Conflict(String),
     #[error("internal error")]
     Internal(String),
+}
+
+/// "field: problem", unless the problem already starts with the field's name.
+fn invalid_detail(field: &str, detail: &str) -> String {
+    if detail.starts_with(field) {
+        detail.to_owned()
+    } else {
+        format!("{field}: {detail}")
+    }
 }
 
 impl From<StorageError> for ApiError {
@@ -111,7 +120,11 @@ where
 }
 
 fn json_problem(rejection: &JsonRejection) -> ApiError {
-    let detail = rejection.body_text();
+    let text = rejection.body_text();
+    // axum prefixes serde's message with a sentence of its own; keep serde's, which is precise.
+    let detail = text
+        .split_once("target type: ")
+        .map_or(text.clone(), |(_, serde)| serde.to_owned());
     match rejection {
         JsonRejection::JsonDataError(_) => ApiError::Invalid {
             field: field_in_serde_message(&detail).unwrap_or_else(|| "body".into()),
@@ -129,8 +142,7 @@ fn field_in_serde_message(message: &str) -> Option<String> {
             return rest.split('`').next().map(str::to_owned);
         }
     }
-    let after_colon = message.split(": ").nth(1)?;
-    let candidate = after_colon.split(':').next()?.trim();
+    let candidate = message.split(": ").next()?.trim();
     (!candidate.is_empty() && candidate.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.'))
         .then(|| candidate.to_owned())
 }

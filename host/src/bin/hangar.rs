@@ -113,6 +113,11 @@ fn init_tracing() {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    // Like any Unix filter: end quietly when the reader of stdout goes away (`| head`).
+    // SAFETY: setting a signal disposition before any other thread uses stdout.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     init_tracing();
     let cli = Cli::parse();
     match run(cli).await {
