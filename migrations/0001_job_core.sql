@@ -78,7 +78,8 @@ CREATE TABLE servers (
     started_at   timestamptz NOT NULL DEFAULT now(),
     heartbeat_at timestamptz NOT NULL DEFAULT now(),
     -- Set when the server stopped fetching at shutdown; it only drains from then on.
-    draining_since timestamptz
+    draining_since timestamptz,
+    stopped_at     timestamptz
 );
 
 CREATE TABLE api_tokens (

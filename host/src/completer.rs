@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use crate::client::resolve_continuations_transitively;
 use crate::election::{elect_after_failure, FailedJob, RetryPolicy};
 use crate::executor::Outcome;
+use crate::running::RunningJobs;
 use crate::state::{FetchedJob, JobId, JobState};
 use crate::storage::jobs::{self, AttemptEnd};
 use crate::storage::StorageError;
@@ -171,9 +172,15 @@ pub struct Completer {
 }
 
 impl Completer {
-    pub fn start(context: ApplyContext, policy: Arc<dyn RetryPolicy>, owner: String) -> Self {
+    /// `running` is told when an attempt's end is written, so its lease stops being renewed.
+    pub fn start(
+        context: ApplyContext,
+        policy: Arc<dyn RetryPolicy>,
+        owner: String,
+        running: RunningJobs,
+    ) -> Self {
         let (sender, receiver) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(context, policy, owner, receiver));
+        let task = tokio::spawn(run(context, policy, owner, running, receiver));
         Self { sender, task }
     }
 
@@ -207,6 +214,7 @@ async fn run(
     context: ApplyContext,
     policy: Arc<dyn RetryPolicy>,
     owner: String,
+    running: RunningJobs,
     mut receiver: mpsc::UnboundedReceiver<Completion>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -246,6 +254,7 @@ async fn run(
                 }
             }
         }
+        running.remove_all(batch.iter().map(|c| c.job.id));
         batch.clear();
     }
 }

@@ -20,6 +20,22 @@ pub enum ConfigError {
     Invalid { field: &'static str, problem: String },
 }
 
+/// `HANGAR_*` variables that are not settings (read elsewhere, or set for subprocesses).
+const NOT_SETTINGS: [&str; 12] = [
+    "LOG",
+    "LOG_FORMAT",
+    "CONFIG",
+    "CACHE",
+    "PYTHON",
+    "MMDET_VENV_LINK",
+    "URL",
+    "TOKEN",
+    "JOB_ID",
+    "JOB_ATTEMPT",
+    "RUN_ID",
+    "DEVICE",
+];
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -146,7 +162,7 @@ impl Config {
             figment = figment.merge(Toml::file(file));
         }
         figment = figment
-            .merge(Env::prefixed("HANGAR_").ignore(&["TOKEN", "URL"]))
+            .merge(Env::prefixed("HANGAR_").ignore(&NOT_SETTINGS))
             .merge(Env::raw().only(&["DATABASE_URL"]));
         let config: Config = figment.extract().map_err(Box::new)?;
         config.validate()?;

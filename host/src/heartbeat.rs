@@ -40,7 +40,8 @@ pub async fn run_heartbeat(
             _ = ticker.tick() => {}
         }
         let sent_at = Instant::now();
-        match renew(&pool, &server_id, lease_ms, config.heartbeat_interval).await {
+        let held = running.held();
+        match renew(&pool, &server_id, &held, lease_ms, config.heartbeat_interval).await {
             Ok(held) => running.renewed(sent_at, &held),
             Err(error) => tracing::warn!(%error, server = %server_id, "heartbeat failed; leases not renewed"),
         }
@@ -50,13 +51,14 @@ pub async fn run_heartbeat(
 async fn renew(
     pool: &PgPool,
     server_id: &str,
+    held: &[(i64, i32)],
     lease_ms: i64,
     budget: Duration,
 ) -> Result<Vec<(i64, i32)>, StorageError> {
     let mut tx = pool.begin().await?;
     // A renewal that takes longer than a heartbeat is useless: give up and let the next one try.
     crate::storage::set_local_statement_timeout(&mut tx, budget).await?;
-    let held = jobs::renew_leases(&mut tx, server_id, lease_ms).await?;
+    let held = jobs::renew_leases(&mut tx, server_id, held, lease_ms).await?;
     servers::heartbeat(&mut tx, server_id).await?;
     tx.commit().await?;
     Ok(held)

@@ -173,7 +173,10 @@ fn start_worker(context: &ProducerContext, job: FetchedJob, fetched_at: Instant)
             stop_watch.abort();
             tracing::debug!(?outcome, "attempt ended");
             let JobContext { job, device, .. } = job_context;
-            context.running.remove(job.id);
+            if outcome == executor::Outcome::Abandoned {
+                // Nothing will be written; stop renewing a lease we no longer hold.
+                context.running.remove(job.id);
+            }
             drop(device);
             drop(permit);
             context.completer.complete(job, outcome);

@@ -1,5 +1,7 @@
-//! The jobs a server is running right now, with their cancellation and the instant their lease
-//! was last known to be renewed (what the lease watchdog counts from).
+//! The attempts a server holds — running, or ended and waiting for the completer to write
+//! them — with their cancellation and the instant their lease was last known to be renewed
+//! (what the lease watchdog counts from). An attempt leaves only once its end is written, so
+//! the heartbeat keeps its lease alive until then, and never renews a lease it gave up.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -41,6 +43,20 @@ impl RunningJobs {
 
     pub fn remove(&self, id: JobId) {
         self.lock().remove(&id);
+    }
+
+    /// Forgets attempts whose end was written (or refused by the fence).
+    pub fn remove_all(&self, ids: impl IntoIterator<Item = JobId>) {
+        let mut jobs = self.lock();
+        for id in ids {
+            jobs.remove(&id);
+        }
+    }
+
+    /// The attempts whose leases the heartbeat must renew: running, or ended but not yet
+    /// written by the completer.
+    pub fn held(&self) -> Vec<(JobId, i32)> {
+        self.lock().iter().map(|(id, job)| (*id, job.attempt)).collect()
     }
 
     pub fn len(&self) -> usize {

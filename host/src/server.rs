@@ -103,8 +103,8 @@ impl RunningServer {
             channel: channel.clone(),
             observers: Arc::new(observers),
         };
-        let completer = Completer::start(apply.clone(), Arc::clone(&policy), id.clone());
         let running = RunningJobs::default();
+        let completer = Completer::start(apply.clone(), Arc::clone(&policy), id.clone(), running.clone());
         let workers = Arc::new(Semaphore::new(config.worker_count));
         let stop_fetching = CancellationToken::new();
         let stop_background = CancellationToken::new();
@@ -204,10 +204,10 @@ impl RunningServer {
         if !producer::wait_idle(&self.workers, total, drain_deadline).await {
             tracing::warn!(server = %self.id, running = self.running.len(), "grace period ending; stopping and releasing the remaining jobs");
             self.jobs_stop.cancel();
-            let patience = self.config.kill_grace_period * 2 + Duration::from_secs(1);
+            let patience = crate::executor::stop_patience(&self.config);
             let _ = producer::wait_idle(&self.workers, total, tokio::time::Instant::now() + patience).await;
         }
-        let patience = self.config.kill_grace_period * 2 + Duration::from_secs(5);
+        let patience = crate::executor::stop_patience(&self.config) + Duration::from_secs(5);
         if tokio::time::timeout(patience, self.completer.stop()).await.is_err() {
             tracing::error!("completer did not finish; unwritten jobs will be rescued when their lease expires");
         }
@@ -215,8 +215,8 @@ impl RunningServer {
         for task in self.background {
             let _ = task.await;
         }
-        if let Err(error) = servers::unregister(&self.pool, &self.id).await {
-            tracing::warn!(%error, "could not unregister the server");
+        if let Err(error) = servers::mark_stopped(&self.pool, &self.id).await {
+            tracing::warn!(%error, "could not record the stop");
         }
         tracing::info!(server = %self.id, took = ?started.elapsed(), "server stopped");
     }

@@ -181,6 +181,13 @@ impl ServerProcess {
         for (key, value) in extra_env {
             command.env(key, value);
         }
+        // The server's log goes next to the test's files, not into the test output.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(config.data_dir.join("server.log"))
+            .expect("server log");
+        command.stderr(log);
         let child = command.spawn().expect("spawn hangar serve");
         ServerProcess { child }
     }

@@ -112,6 +112,12 @@ impl JobHandler for NoopHandler {
     }
 }
 
+/// How long a handler may take to return after its cancellation: a subprocess handler's stop
+/// path (SIGTERM, the kill grace, SIGKILL, the wait for the group) with a margin.
+pub fn stop_patience(config: &Config) -> Duration {
+    config.kill_grace_period + subprocess::GROUP_EXIT_WAIT + Duration::from_secs(1)
+}
+
 /// Runs `ctx.job` with `handler` under its timeout and reports the outcome.
 pub async fn execute(handler: Option<Arc<dyn JobHandler>>, ctx: &JobContext) -> Outcome {
     let Some(handler) = handler else {
@@ -135,7 +141,7 @@ pub async fn execute(handler: Option<Arc<dyn JobHandler>>, ctx: &JobContext) -> 
     });
     // A handler that ignores its token is abandoned (its future dropped) once the subprocess
     // kill path would have finished.
-    let patience = ctx.config.kill_grace_period * 2 + Duration::from_secs(1);
+    let patience = stop_patience(&ctx.config);
     let result = tokio::select! {
         result = handler.run(ctx) => result,
         () = async {

@@ -153,18 +153,45 @@ pub async fn run_supervised(
 }
 
 /// Kills what is left of the group after its leader exited (children it left running) and
-/// waits, bounded, until the group is empty.
+/// waits, bounded, until no live member is left. Zombies do not count: they hold no resources
+/// and whoever adopted them reaps them.
 async fn kill_remaining_group(group: Pid) {
     if killpg(group, Signal::SIGKILL).is_err() {
         return; // ESRCH: the group is already empty.
     }
-    for _ in 0..500 {
-        if killpg(group, None).is_err() {
+    for _ in 0..GROUP_EXIT_POLLS {
+        if !group_has_live_members(group.as_raw()) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    tracing::warn!(pgid = group.as_raw(), "process group still has members after SIGKILL");
+    tracing::warn!(pgid = group.as_raw(), "process group still has live members after SIGKILL");
+}
+
+/// How long (×10 ms) to wait for a killed group to be gone.
+const GROUP_EXIT_POLLS: u32 = 200;
+
+/// The longest the stop path can take after `kill_grace`: the bounded wait for the group.
+pub const GROUP_EXIT_WAIT: Duration = Duration::from_millis(10 * GROUP_EXIT_POLLS as u64);
+
+fn group_has_live_members(pgid: i32) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.filter_map(Result::ok).any(|entry| {
+        let is_pid = entry.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()));
+        is_pid
+            && std::fs::read_to_string(entry.path().join("stat")).is_ok_and(|stat| {
+                // "pid (comm) state ppid pgrp ..."; comm may hold spaces, so split after ')'.
+                let Some((_, rest)) = stat.rsplit_once(") ") else {
+                    return false;
+                };
+                let mut fields = rest.split(' ');
+                let state = fields.next().unwrap_or("Z");
+                let pgrp = fields.nth(1).and_then(|f| f.parse::<i32>().ok());
+                pgrp == Some(pgid) && state != "Z" && state != "X"
+            })
+    })
 }
 
 /// The last `max` bytes of a file, lossily decoded (for error details from stderr).

@@ -334,18 +334,30 @@ pub async fn resolve_continuations(conn: &mut PgConnection, parents: &[JobId]) -
     Ok(children)
 }
 
-/// Renews the lease of every job `owner` holds; returns the (id, attempt) it still holds.
-pub async fn renew_leases(conn: &mut PgConnection, owner: &str, lease_ms: i64) -> Result<Vec<(JobId, i32)>> {
-    let held = sqlx::query_as(
+/// Renews the leases of the given attempts, as long as `owner` still holds them; returns the
+/// (id, attempt) it still holds.
+pub async fn renew_leases(
+    conn: &mut PgConnection,
+    owner: &str,
+    held: &[(JobId, i32)],
+    lease_ms: i64,
+) -> Result<Vec<(JobId, i32)>> {
+    let ids: Vec<JobId> = held.iter().map(|(id, _)| *id).collect();
+    let attempts: Vec<i32> = held.iter().map(|(_, attempt)| *attempt).collect();
+    let renewed = sqlx::query_as(
         "UPDATE jobs SET lease_expires_at = now() + $2 * interval '1 millisecond'
-         WHERE lease_owner = $1 AND state = 'processing'
-         RETURNING id, attempt",
+         FROM unnest($3::bigint[], $4::int[]) AS held(id, attempt)
+         WHERE jobs.id = held.id AND jobs.attempt = held.attempt
+           AND jobs.lease_owner = $1 AND jobs.state = 'processing'
+         RETURNING jobs.id, jobs.attempt",
     )
     .bind(owner)
     .bind(lease_ms)
+    .bind(&ids)
+    .bind(&attempts)
     .fetch_all(conn)
     .await?;
-    Ok(held)
+    Ok(renewed)
 }
 
 /// Moves due scheduled jobs to their queue; returns their queues.

@@ -49,12 +49,21 @@ pub async fn mark_draining(pool: &PgPool, id: &str) -> Result<()> {
     Ok(())
 }
 
-pub async fn unregister(pool: &PgPool, id: &str) -> Result<()> {
-    sqlx::query("DELETE FROM servers WHERE id = $1")
+/// Marks the server stopped; the row stays (for operators) until the rescuer forgets it.
+pub async fn mark_stopped(pool: &PgPool, id: &str) -> Result<()> {
+    sqlx::query("UPDATE servers SET stopped_at = now() WHERE id = $1")
         .bind(id)
         .execute(pool)
         .await?;
     Ok(())
+}
+
+pub async fn get(pool: &PgPool, id: &str) -> Result<Option<ServerRow>> {
+    let row = sqlx::query_as("SELECT * FROM servers WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
+    Ok(row)
 }
 
 /// Forgets servers whose heartbeat is older than `timeout_ms` (their jobs are rescued by lease).
@@ -90,6 +99,7 @@ pub struct ServerRow {
     pub started_at: chrono::DateTime<chrono::Utc>,
     pub heartbeat_at: chrono::DateTime<chrono::Utc>,
     pub draining_since: Option<chrono::DateTime<chrono::Utc>>,
+    pub stopped_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 pub async fn list(pool: &PgPool) -> Result<Vec<ServerRow>> {
