@@ -47,26 +47,47 @@ async fn eight_servers_start_each_job_of_a_burst_exactly_once() {
         };
         servers.push(db.server(config, handlers).await);
     }
-    let burst: Vec<NewJob> = (0..JOBS).map(|_| NewJob::new("record", "default")).collect();
-    let ids = db.client().enqueue_many(&burst).await.expect("enqueue the burst");
+    let burst: Vec<NewJob> = (0..JOBS)
+        .map(|_| NewJob::new("record", "default"))
+        .collect();
+    let ids = db
+        .client()
+        .enqueue_many(&burst)
+        .await
+        .expect("enqueue the burst");
     assert_eq!(ids.len(), JOBS);
 
     wait_for("every job to succeed", Duration::from_secs(120), || async {
-        let counts = hangar::storage::jobs::count_by_state(&db.pool).await.expect("count");
+        let counts = hangar::storage::jobs::count_by_state(&db.pool)
+            .await
+            .expect("count");
         (counts == vec![("succeeded".to_owned(), JOBS as i64)]).then_some(())
     })
     .await;
 
     let starts = recorder.starts.lock().expect("lock").clone();
     assert_eq!(starts.len(), JOBS, "every job started");
-    let twice: Vec<_> = starts.iter().filter(|(_, owners)| owners.len() != 1).collect();
-    assert!(twice.is_empty(), "started more than once: {:?}", &twice[..twice.len().min(5)]);
-    assert!(starts.keys().all(|(_, attempt)| *attempt == 1), "no job needed a second attempt");
+    let twice: Vec<_> = starts
+        .iter()
+        .filter(|(_, owners)| owners.len() != 1)
+        .collect();
+    assert!(
+        twice.is_empty(),
+        "started more than once: {:?}",
+        &twice[..twice.len().min(5)]
+    );
+    assert!(
+        starts.keys().all(|(_, attempt)| *attempt == 1),
+        "no job needed a second attempt"
+    );
     for id in &ids {
         assert!(starts.contains_key(&(*id, 1)), "job {id} never started");
     }
     let servers_used: std::collections::HashSet<&String> = starts.values().flatten().collect();
-    assert!(servers_used.len() > 1, "the burst was shared between servers");
+    assert!(
+        servers_used.len() > 1,
+        "the burst was shared between servers"
+    );
     for server in servers {
         server.shutdown().await;
     }

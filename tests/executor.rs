@@ -24,7 +24,9 @@ fn shell(dir: &Path, script: &str) -> SubprocessSpec {
 
 async fn read_pid(path: &Path) -> i32 {
     wait_for("a pid file", Duration::from_secs(10), || async {
-        std::fs::read_to_string(path).ok().and_then(|t| t.trim().parse().ok())
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
     })
     .await
 }
@@ -32,7 +34,10 @@ async fn read_pid(path: &Path) -> i32 {
 #[tokio::test]
 async fn output_goes_to_the_log_files_and_the_exit_status_is_reported() {
     let dir = tempfile::tempdir().expect("dir");
-    let spec = shell(dir.path(), "echo \"$GREETING from $(pwd)\"; echo 'it broke' >&2; exit 3");
+    let spec = shell(
+        dir.path(),
+        "echo \"$GREETING from $(pwd)\"; echo 'it broke' >&2; exit 3",
+    );
     let finished = run_supervised(&spec, &CancellationToken::new(), Duration::from_secs(1))
         .await
         .expect("ran");
@@ -41,11 +46,18 @@ async fn output_goes_to_the_log_files_and_the_exit_status_is_reported() {
     assert_eq!(finished.stopped_with, None);
     let out = std::fs::read_to_string(&spec.stdout_path).expect("stdout");
     assert_eq!(out.trim(), format!("hello from {}", dir.path().display()));
-    assert_eq!(std::fs::read_to_string(&spec.stderr_path).expect("stderr"), "it broke\n");
+    assert_eq!(
+        std::fs::read_to_string(&spec.stderr_path).expect("stderr"),
+        "it broke\n"
+    );
 
-    let ok = run_supervised(&shell(dir.path(), "exit 0"), &CancellationToken::new(), Duration::from_secs(1))
-        .await
-        .expect("ran");
+    let ok = run_supervised(
+        &shell(dir.path(), "exit 0"),
+        &CancellationToken::new(),
+        Duration::from_secs(1),
+    )
+    .await
+    .expect("ran");
     assert!(ok.success());
 }
 
@@ -87,7 +99,10 @@ async fn cancellation_stops_the_whole_process_tree() {
 #[tokio::test]
 async fn a_child_ignoring_sigterm_is_killed_after_the_grace_period() {
     let dir = tempfile::tempdir().expect("dir");
-    let spec = shell(dir.path(), "trap '' TERM; echo $$ > leader; while :; do sleep 0.05; done");
+    let spec = shell(
+        dir.path(),
+        "trap '' TERM; echo $$ > leader; while :; do sleep 0.05; done",
+    );
     let cancel = CancellationToken::new();
     let run = tokio::spawn({
         let cancel = cancel.clone();
@@ -98,7 +113,11 @@ async fn a_child_ignoring_sigterm_is_killed_after_the_grace_period() {
     let finished = run.await.expect("task").expect("ran");
     assert_eq!(finished.stopped_with, Some(Signal::SIGKILL));
     assert_eq!(finished.signal, Some(libc::SIGKILL));
-    assert!(finished.describe().contains("SIGKILL"), "{}", finished.describe());
+    assert!(
+        finished.describe().contains("SIGKILL"),
+        "{}",
+        finished.describe()
+    );
     assert!(!alive(leader));
 }
 
@@ -128,16 +147,25 @@ fn resident_kib() -> u64 {
 async fn memory_stays_flat_while_a_child_prints_a_gigabyte() {
     const GIGABYTE: u64 = 1_000_000_000;
     let dir = tempfile::tempdir().expect("dir");
-    let spec = shell(dir.path(), &format!("head -c {GIGABYTE} /dev/zero; head -c 1000000 /dev/zero >&2"));
+    let spec = shell(
+        dir.path(),
+        &format!("head -c {GIGABYTE} /dev/zero; head -c 1000000 /dev/zero >&2"),
+    );
     let before = resident_kib();
     let finished = run_supervised(&spec, &CancellationToken::new(), Duration::from_secs(1))
         .await
         .expect("ran");
     let after = resident_kib();
     assert!(finished.success());
-    assert_eq!(std::fs::metadata(&spec.stdout_path).expect("log").len(), GIGABYTE);
+    assert_eq!(
+        std::fs::metadata(&spec.stdout_path).expect("log").len(),
+        GIGABYTE
+    );
     // The child writes straight into the log file; the host never holds its output.
-    assert!(after.saturating_sub(before) < 32 * 1024, "RSS grew from {before} KiB to {after} KiB");
+    assert!(
+        after.saturating_sub(before) < 32 * 1024,
+        "RSS grew from {before} KiB to {after} KiB"
+    );
     let tail = hangar::executor::subprocess::read_tail(&spec.stderr_path, 4096).expect("tail");
     assert_eq!(tail.len(), 4096, "only the tail of stderr is read");
 }

@@ -18,7 +18,11 @@ fn states(details: &hangar::client::JobDetails) -> Vec<String> {
 async fn a_job_runs_and_its_history_records_every_state() {
     let db = TestDb::new().await;
     let server = db.server(db.config.clone(), command_handlers()).await;
-    let id = db.client().enqueue(&shell_job("default", "echo hello")).await.expect("enqueue");
+    let id = db
+        .client()
+        .enqueue(&shell_job("default", "echo hello"))
+        .await
+        .expect("enqueue");
     wait_for_state(&db, id, "succeeded", WAIT).await;
     let details = db.job(id).await;
     assert_eq!(states(&details), ["enqueued", "processing", "succeeded"]);
@@ -26,7 +30,8 @@ async fn a_job_runs_and_its_history_records_every_state() {
     assert_eq!(details.history[1].data["server"], server.id());
     assert!(details.job.finished_at.is_some());
     assert!(details.job.lease_owner.is_none());
-    let log = std::fs::read_to_string(db.config.logs_dir().join(format!("job_{id}.out"))).expect("stdout log");
+    let log = std::fs::read_to_string(db.config.logs_dir().join(format!("job_{id}.out")))
+        .expect("stdout log");
     assert_eq!(log, "hello\n");
     server.shutdown().await;
 }
@@ -43,7 +48,11 @@ async fn a_failing_job_follows_the_seed_retry_schedule_then_fails() {
     wait_for_state(&db, id, "failed", WAIT).await;
     let details = db.job(id).await;
     assert_eq!(details.job.attempt, 4, "1 attempt + 3 retries");
-    let retries: Vec<_> = details.history.iter().filter(|h| h.state == "scheduled").collect();
+    let retries: Vec<_> = details
+        .history
+        .iter()
+        .filter(|h| h.state == "scheduled")
+        .collect();
     assert_eq!(retries.len(), 3);
     // The n-th retry waits 2^(n-1) units: 1, 2, 4 (the seed's minutes, scaled to 50 ms here).
     for (n, entry) in retries.iter().enumerate() {
@@ -61,8 +70,12 @@ async fn a_failing_job_follows_the_seed_retry_schedule_then_fails() {
     let failed = details.history.last().expect("history");
     assert_eq!(failed.state, "failed");
     assert_eq!(failed.data["exception_type"], "SubprocessFailed");
-    assert!(failed.data["message"].as_str().is_some_and(|m| m.contains("status 7")));
-    assert!(failed.data["details"].as_str().is_some_and(|d| d.contains("model exploded")));
+    assert!(failed.data["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("status 7")));
+    assert!(failed.data["details"]
+        .as_str()
+        .is_some_and(|d| d.contains("model exploded")));
     server.shutdown().await;
 }
 
@@ -72,7 +85,10 @@ async fn a_scheduled_job_waits_for_its_time() {
     let server = db.server(db.config.clone(), command_handlers()).await;
     let client = db.client();
     let later = client
-        .schedule(&shell_job("default", "true"), chrono::Utc::now() + chrono::Duration::hours(1))
+        .schedule(
+            &shell_job("default", "true"),
+            chrono::Utc::now() + chrono::Duration::hours(1),
+        )
         .await
         .expect("schedule");
     let soon = client
@@ -81,7 +97,10 @@ async fn a_scheduled_job_waits_for_its_time() {
         .expect("schedule");
     wait_for_state(&db, soon, "succeeded", WAIT).await;
     let details = db.job(soon).await;
-    assert_eq!(states(&details), ["scheduled", "enqueued", "processing", "succeeded"]);
+    assert_eq!(
+        states(&details),
+        ["scheduled", "enqueued", "processing", "succeeded"]
+    );
     let started = details.history[2].created_at;
     assert!(started >= details.history[0].created_at + chrono::Duration::milliseconds(300));
     assert_eq!(db.state(later).await, "scheduled");
@@ -96,25 +115,40 @@ async fn continuations_wait_for_the_final_state_of_their_parent() {
     // is still running.
     let gate = db.dir.path().join("gate");
     let parent_ok = client
-        .enqueue(&shell_job("default", &format!("while [ ! -e {} ]; do sleep 0.02; done", gate.display())))
+        .enqueue(&shell_job(
+            "default",
+            &format!("while [ ! -e {} ]; do sleep 0.02; done", gate.display()),
+        ))
         .await
         .expect("enqueue");
-    let parent_fails = client.enqueue(&shell_job("default", "exit 1")).await.expect("enqueue");
-    let server = db.server(
-        hangar::config::Config {
-            max_retries: 0,
-            ..db.config.clone()
-        },
-        command_handlers(),
-    )
-    .await;
+    let parent_fails = client
+        .enqueue(&shell_job("default", "exit 1"))
+        .await
+        .expect("enqueue");
+    let server = db
+        .server(
+            hangar::config::Config {
+                max_retries: 0,
+                ..db.config.clone()
+            },
+            command_handlers(),
+        )
+        .await;
     wait_for_state(&db, parent_ok, "processing", WAIT).await;
     let child_success = client
-        .continue_with(parent_ok, &shell_job("default", "true"), ContinuationOption::OnSuccess)
+        .continue_with(
+            parent_ok,
+            &shell_job("default", "true"),
+            ContinuationOption::OnSuccess,
+        )
         .await
         .expect("continue");
     let child_any = client
-        .continue_with(parent_ok, &shell_job("default", "true"), ContinuationOption::OnAnyFinal)
+        .continue_with(
+            parent_ok,
+            &shell_job("default", "true"),
+            ContinuationOption::OnAnyFinal,
+        )
         .await
         .expect("continue");
     assert_eq!(db.state(child_success).await, "awaiting");
@@ -122,14 +156,26 @@ async fn continuations_wait_for_the_final_state_of_their_parent() {
 
     wait_for_state(&db, parent_fails, "failed", WAIT).await;
     let after_failure_success = client
-        .continue_with(parent_fails, &shell_job("default", "true"), ContinuationOption::OnSuccess)
+        .continue_with(
+            parent_fails,
+            &shell_job("default", "true"),
+            ContinuationOption::OnSuccess,
+        )
         .await
         .expect("continue");
     let after_failure_any = client
-        .continue_with(parent_fails, &shell_job("default", "true"), ContinuationOption::OnAnyFinal)
+        .continue_with(
+            parent_fails,
+            &shell_job("default", "true"),
+            ContinuationOption::OnAnyFinal,
+        )
         .await
         .expect("continue");
-    assert_eq!(db.state(after_failure_success).await, "deleted", "on_success after a failure is deleted");
+    assert_eq!(
+        db.state(after_failure_success).await,
+        "deleted",
+        "on_success after a failure is deleted"
+    );
     wait_for_state(&db, after_failure_any, "succeeded", WAIT).await;
 
     // Still awaiting while the parent runs.
@@ -139,7 +185,10 @@ async fn continuations_wait_for_the_final_state_of_their_parent() {
     wait_for_state(&db, child_any, "succeeded", WAIT).await;
     let parent_finished = db.job(parent_ok).await.job.finished_at.expect("finished");
     let child_started = db.job(child_success).await.history[2].created_at;
-    assert!(child_started >= parent_finished, "a child never starts before its parent's final state");
+    assert!(
+        child_started >= parent_finished,
+        "a child never starts before its parent's final state"
+    );
     server.shutdown().await;
 }
 
@@ -152,34 +201,79 @@ async fn deleting_a_parent_deletes_its_waiting_children_transitively() {
         .await
         .expect("schedule");
     let child = client
-        .continue_with(parent, &shell_job("default", "true"), ContinuationOption::OnAnyFinal)
+        .continue_with(
+            parent,
+            &shell_job("default", "true"),
+            ContinuationOption::OnAnyFinal,
+        )
         .await
         .expect("continue");
     let grandchild = client
-        .continue_with(child, &shell_job("default", "true"), ContinuationOption::OnAnyFinal)
+        .continue_with(
+            child,
+            &shell_job("default", "true"),
+            ContinuationOption::OnAnyFinal,
+        )
         .await
         .expect("continue");
     client.delete(parent).await.expect("delete");
     assert_eq!(db.state(parent).await, "deleted");
     assert_eq!(db.state(child).await, "deleted");
     assert_eq!(db.state(grandchild).await, "deleted");
-    assert_eq!(db.job(child).await.history.last().expect("entry").reason.as_deref(), Some("parent deleted"));
+    assert_eq!(
+        db.job(child)
+            .await
+            .history
+            .last()
+            .expect("entry")
+            .reason
+            .as_deref(),
+        Some("parent deleted")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parameters_are_set_read_and_shown() {
     let db = TestDb::new().await;
     let client = db.client();
-    let id = client.enqueue(&NewJob::new("noop", "nowhere")).await.expect("enqueue");
-    client.set_parameter(id, "detectionRunId", "abc").await.expect("set");
-    client.set_parameter(id, "priority", "low").await.expect("set");
-    client.set_parameter(id, "priority", "high").await.expect("overwrite");
-    assert_eq!(client.get_parameter(id, "priority").await.expect("get").as_deref(), Some("high"));
-    assert_eq!(client.get_parameter(id, "missing").await.expect("get"), None);
+    let id = client
+        .enqueue(&NewJob::new("noop", "nowhere"))
+        .await
+        .expect("enqueue");
+    client
+        .set_parameter(id, "detectionRunId", "abc")
+        .await
+        .expect("set");
+    client
+        .set_parameter(id, "priority", "low")
+        .await
+        .expect("set");
+    client
+        .set_parameter(id, "priority", "high")
+        .await
+        .expect("overwrite");
+    assert_eq!(
+        client
+            .get_parameter(id, "priority")
+            .await
+            .expect("get")
+            .as_deref(),
+        Some("high")
+    );
+    assert_eq!(
+        client.get_parameter(id, "missing").await.expect("get"),
+        None
+    );
     let details = db.job(id).await;
-    assert_eq!(details.parameters.get("detectionRunId").map(String::as_str), Some("abc"));
+    assert_eq!(
+        details.parameters.get("detectionRunId").map(String::as_str),
+        Some("abc")
+    );
     let missing = client.set_parameter(id + 1000, "x", "y").await;
-    assert!(matches!(missing, Err(hangar::client::ClientError::NotFound(_))), "{missing:?}");
+    assert!(
+        matches!(missing, Err(hangar::client::ClientError::NotFound(_))),
+        "{missing:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -187,10 +281,19 @@ async fn calls_join_the_callers_transaction() {
     let db = TestDb::new().await;
     let client = db.client();
     let mut tx = db.pool.begin().await.expect("begin");
-    let id = client.enqueue_in(&mut tx, &NewJob::new("noop", "nowhere")).await.expect("enqueue");
-    client.set_parameter_in(&mut tx, id, "k", "v").await.expect("set");
+    let id = client
+        .enqueue_in(&mut tx, &NewJob::new("noop", "nowhere"))
+        .await
+        .expect("enqueue");
+    client
+        .set_parameter_in(&mut tx, id, "k", "v")
+        .await
+        .expect("set");
     tx.rollback().await.expect("rollback");
-    assert!(client.details(id).await.expect("details").is_none(), "rolled back with the caller");
+    assert!(
+        client.details(id).await.expect("details").is_none(),
+        "rolled back with the caller"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,12 +303,18 @@ async fn a_processing_job_cannot_be_deleted() {
     let gate = db.dir.path().join("gate");
     let id = db
         .client()
-        .enqueue(&shell_job("default", &format!("while [ ! -e {} ]; do sleep 0.02; done", gate.display())))
+        .enqueue(&shell_job(
+            "default",
+            &format!("while [ ! -e {} ]; do sleep 0.02; done", gate.display()),
+        ))
         .await
         .expect("enqueue");
     wait_for_state(&db, id, "processing", WAIT).await;
     let refused = db.client().delete(id).await;
-    assert!(matches!(refused, Err(hangar::client::ClientError::Processing(_))), "{refused:?}");
+    assert!(
+        matches!(refused, Err(hangar::client::ClientError::Processing(_))),
+        "{refused:?}"
+    );
     std::fs::write(&gate, b"").expect("gate");
     wait_for_state(&db, id, "succeeded", WAIT).await;
     server.shutdown().await;
@@ -214,7 +323,11 @@ async fn a_processing_job_cannot_be_deleted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_jobs_are_refused_with_a_reason() {
     let db = TestDb::new().await;
-    let error = db.client().enqueue(&NewJob::new("", "default")).await.expect_err("refused");
+    let error = db
+        .client()
+        .enqueue(&NewJob::new("", "default"))
+        .await
+        .expect_err("refused");
     assert!(error.to_string().contains("kind"), "{error}");
     let error = db
         .client()

@@ -10,19 +10,29 @@ use std::time::Duration;
 
 use hangar::state::JobState;
 use hangar::storage::jobs::{self, AttemptEnd};
-use support::{alive, command_handlers, shell_job, wait_for, wait_for_state, ServerProcess, TestDb};
+use support::{
+    alive, command_handlers, shell_job, wait_for, wait_for_state, ServerProcess, TestDb,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
 async fn read_pid(path: &Path) -> i32 {
     wait_for(&format!("{}", path.display()), WAIT, || async {
-        std::fs::read_to_string(path).ok().and_then(|text| text.trim().parse().ok())
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
     })
     .await
 }
 
-fn processing_entries(details: &hangar::client::JobDetails) -> Vec<&hangar::storage::jobs::HistoryEntry> {
-    details.history.iter().filter(|h| h.state == "processing").collect()
+fn processing_entries(
+    details: &hangar::client::JobDetails,
+) -> Vec<&hangar::storage::jobs::HistoryEntry> {
+    details
+        .history
+        .iter()
+        .filter(|h| h.state == "processing")
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -40,18 +50,28 @@ async fn a_server_killed_mid_job_is_rescued_once_and_its_late_completion_refused
          while [ ! -e {dir}/gate ]; do sleep 0.02; done",
         dir = dir.display()
     );
-    let id = db.client().enqueue(&shell_job("default", &script)).await.expect("enqueue");
+    let id = db
+        .client()
+        .enqueue(&shell_job("default", &script))
+        .await
+        .expect("enqueue");
     let first_pid = read_pid(&dir.join("pid_1")).await;
     let first_owner = db.job(id).await.job.lease_owner.expect("owned");
     first.kill9();
     // The kernel takes the child with its parent (PR_SET_PDEATHSIG).
-    wait_for("the orphaned child to die", WAIT, || async { (!alive(first_pid)).then_some(()) }).await;
+    wait_for("the orphaned child to die", WAIT, || async {
+        (!alive(first_pid)).then_some(())
+    })
+    .await;
 
     let _second = ServerProcess::spawn(&config, &[]);
     read_pid(&dir.join("pid_2")).await;
     let details = db.job(id).await;
     let second_owner = details.job.lease_owner.clone().expect("owned again");
-    assert_ne!(second_owner, first_owner, "a restarted server is a new owner");
+    assert_ne!(
+        second_owner, first_owner,
+        "a restarted server is a new owner"
+    );
     assert!(second_owner.starts_with("alpha:"), "{second_owner}");
 
     // The old owner's completion arrives late: refused by the fence.
@@ -72,7 +92,10 @@ async fn a_server_killed_mid_job_is_rescued_once_and_its_late_completion_refused
     )
     .await
     .expect("write");
-    assert!(late.is_empty(), "a rescued attempt cannot be completed by its old owner");
+    assert!(
+        late.is_empty(),
+        "a rescued attempt cannot be completed by its old owner"
+    );
     assert_eq!(db.state(id).await, "processing");
 
     std::fs::write(dir.join("gate"), b"").expect("gate");
@@ -83,8 +106,16 @@ async fn a_server_killed_mid_job_is_rescued_once_and_its_late_completion_refused
         .iter()
         .filter(|h| h.data["exception_type"] == "LeaseExpired")
         .collect();
-    assert_eq!(rescues.len(), 1, "rescued exactly once: {:#?}", details.history);
-    assert_eq!(rescues[0].state, "scheduled", "a rescue counts as a failed attempt and is retried");
+    assert_eq!(
+        rescues.len(),
+        1,
+        "rescued exactly once: {:#?}",
+        details.history
+    );
+    assert_eq!(
+        rescues[0].state, "scheduled",
+        "a rescue counts as a failed attempt and is retried"
+    );
     assert_eq!(processing_entries(&details).len(), 2);
     assert_eq!(details.job.attempt, 2);
     assert_eq!(details.job.failures, 1);
@@ -100,7 +131,11 @@ async fn a_stalled_heartbeat_stops_the_subprocess_before_the_lease_expires() {
          if [ \"$HANGAR_JOB_ATTEMPT\" = 1 ]; then exec sleep 600; fi",
         dir = dir.display()
     );
-    let id = db.client().enqueue(&shell_job("default", &script)).await.expect("enqueue");
+    let id = db
+        .client()
+        .enqueue(&shell_job("default", &script))
+        .await
+        .expect("enqueue");
     let pid = read_pid(&dir.join("pid_1")).await;
 
     // Hold the job's row: the heartbeat's renewal blocks on it (as it would on a lock storm or
@@ -113,20 +148,30 @@ async fn a_stalled_heartbeat_stops_the_subprocess_before_the_lease_expires() {
         .and_then(|job| job.lease_expires_at)
         .expect("leased");
 
-    wait_for("the owner to stop its subprocess", WAIT, || async { (!alive(pid)).then_some(()) }).await;
+    wait_for("the owner to stop its subprocess", WAIT, || async {
+        (!alive(pid)).then_some(())
+    })
+    .await;
     let stopped_at = chrono::Utc::now();
     assert!(
         stopped_at < lease_expires_at,
         "stopped at {stopped_at}, after the lease expired at {lease_expires_at}"
     );
-    assert_eq!(processing_entries(&db.job(id).await).len(), 1, "nobody else started it meanwhile");
+    assert_eq!(
+        processing_entries(&db.job(id).await).len(),
+        1,
+        "nobody else started it meanwhile"
+    );
     blocker.rollback().await.expect("release");
 
     // Once the lease has expired the rescuer gives the job another attempt.
     wait_for_state(&db, id, "succeeded", WAIT).await;
     let details = db.job(id).await;
     let second_start = processing_entries(&details)[1].created_at;
-    assert!(second_start > lease_expires_at, "the retry starts only after the lease expired");
+    assert!(
+        second_start > lease_expires_at,
+        "the retry starts only after the lease expired"
+    );
     assert!(!dir.join("pid_3").exists());
     server.shutdown().await;
 }
@@ -159,8 +204,15 @@ async fn a_timed_out_child_ignoring_sigterm_is_killed_before_its_retry() {
         .expect("a timeout entry");
     assert_eq!(timeout.state, "scheduled");
     let text = timeout.data["details"].as_str().unwrap_or_default();
-    assert!(text.contains("SIGKILL"), "the child ignored SIGTERM and was killed: {text}");
-    let first_pid: i32 = std::fs::read_to_string(dir.join("pid_1")).expect("pid").trim().parse().expect("pid");
+    assert!(
+        text.contains("SIGKILL"),
+        "the child ignored SIGTERM and was killed: {text}"
+    );
+    let first_pid: i32 = std::fs::read_to_string(dir.join("pid_1"))
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("pid");
     assert!(!alive(first_pid));
     server.shutdown().await;
 }
@@ -173,14 +225,24 @@ async fn max_attempts_hold_when_the_executor_process_dies_every_time() {
         server_name: "crashy".into(),
         ..db.config.clone()
     };
-    let script = format!("echo $$ > {}/pid_$HANGAR_JOB_ATTEMPT; exec sleep 600", dir.display());
-    let id = db.client().enqueue(&shell_job("default", &script)).await.expect("enqueue");
+    let script = format!(
+        "echo $$ > {}/pid_$HANGAR_JOB_ATTEMPT; exec sleep 600",
+        dir.display()
+    );
+    let id = db
+        .client()
+        .enqueue(&shell_job("default", &script))
+        .await
+        .expect("enqueue");
     // 1 attempt + 3 retries; each time the server dies with its job running.
     for attempt in 1..=4 {
         let mut server = ServerProcess::spawn(&config, &[]);
         let pid = read_pid(&dir.join(format!("pid_{attempt}"))).await;
         server.kill9();
-        wait_for("the child to die with its server", WAIT, || async { (!alive(pid)).then_some(()) }).await;
+        wait_for("the child to die with its server", WAIT, || async {
+            (!alive(pid)).then_some(())
+        })
+        .await;
     }
     let _last = ServerProcess::spawn(&config, &[]);
     wait_for_state(&db, id, "failed", WAIT).await;

@@ -48,7 +48,11 @@ fn digest(token: &str) -> Vec<u8> {
 }
 
 /// Creates a token and returns its secret (shown once; only the hash is kept).
-pub async fn create_token(pool: &PgPool, name: &str, claims: &[String]) -> Result<String, TokenError> {
+pub async fn create_token(
+    pool: &PgPool,
+    name: &str,
+    claims: &[String],
+) -> Result<String, TokenError> {
     if name.trim().is_empty() || claims.is_empty() {
         return Err(TokenError::Incomplete);
     }

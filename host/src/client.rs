@@ -80,7 +80,9 @@ impl Client {
     }
 
     /// Enqueues many jobs in one statement (ids in input order).
-    pub async fn enqueue_many_in(&self, conn: &mut PgConnection,
+    pub async fn enqueue_many_in(
+        &self,
+        conn: &mut PgConnection,
         new_jobs: &[NewJob],
     ) -> Result<Vec<JobId>> {
         new_jobs.iter().try_for_each(validate)?;
@@ -95,7 +97,9 @@ impl Client {
     }
 
     /// Schedules a job for `at`; the leader's scheduler enqueues it when due.
-    pub async fn schedule_in(&self, conn: &mut PgConnection,
+    pub async fn schedule_in(
+        &self,
+        conn: &mut PgConnection,
         job: &NewJob,
         at: DateTime<Utc>,
     ) -> Result<JobId> {
@@ -107,7 +111,9 @@ impl Client {
     }
 
     /// Schedules a job to run after `delay`.
-    pub async fn schedule_after_in(&self, conn: &mut PgConnection,
+    pub async fn schedule_after_in(
+        &self,
+        conn: &mut PgConnection,
         job: &NewJob,
         delay: std::time::Duration,
     ) -> Result<JobId> {
@@ -118,7 +124,9 @@ impl Client {
 
     /// Creates `job` as a continuation of `parent`: it waits (Awaiting) until the parent
     /// reaches a final state, then runs if the state matches `option`, else is deleted.
-    pub async fn continue_with_in(&self, conn: &mut PgConnection,
+    pub async fn continue_with_in(
+        &self,
+        conn: &mut PgConnection,
         parent: JobId,
         job: &NewJob,
         option: ContinuationOption,
@@ -142,22 +150,26 @@ impl Client {
         Ok(id)
     }
 
-    pub async fn set_parameter_in(&self, conn: &mut PgConnection,
+    pub async fn set_parameter_in(
+        &self,
+        conn: &mut PgConnection,
         id: JobId,
         name: &str,
         value: &str,
     ) -> Result<()> {
-                if !jobs::set_parameter(conn, id, name, value).await? {
+        if !jobs::set_parameter(conn, id, name, value).await? {
             return Err(ClientError::NotFound(id));
         }
         Ok(())
     }
 
-    pub async fn get_parameter_in(&self, conn: &mut PgConnection,
+    pub async fn get_parameter_in(
+        &self,
+        conn: &mut PgConnection,
         id: JobId,
         name: &str,
     ) -> Result<Option<String>> {
-                Ok(jobs::get_parameter(conn, id, name).await?)
+        Ok(jobs::get_parameter(conn, id, name).await?)
     }
 
     /// Deletes a job that is not processing (it moves to Deleted, with history); its waiting
@@ -196,7 +208,12 @@ impl Client {
         self.schedule_after_in(&mut conn, job, delay).await
     }
 
-    pub async fn continue_with(&self, parent: JobId, job: &NewJob, option: ContinuationOption) -> Result<JobId> {
+    pub async fn continue_with(
+        &self,
+        parent: JobId,
+        job: &NewJob,
+        option: ContinuationOption,
+    ) -> Result<JobId> {
         let mut conn = self.pool.acquire().await?;
         self.continue_with_in(&mut conn, parent, job, option).await
     }

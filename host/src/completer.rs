@@ -223,7 +223,11 @@ async fn run(
             .iter()
             .filter_map(|c| {
                 if c.outcome == Outcome::Abandoned {
-                    tracing::warn!(job_id = c.job.id, attempt = c.job.attempt, "attempt abandoned: lease lost, nothing written");
+                    tracing::warn!(
+                        job_id = c.job.id,
+                        attempt = c.job.attempt,
+                        "attempt abandoned: lease lost, nothing written"
+                    );
                 }
                 attempt_end(policy.as_ref(), &owner, &c.job, &c.outcome)
             })
@@ -248,7 +252,10 @@ async fn run(
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                     if receiver.is_closed() && delay >= Duration::from_secs(5) {
-                        tracing::error!(batch = ends.len(), "giving up at shutdown; the rescuer will take these jobs");
+                        tracing::error!(
+                            batch = ends.len(),
+                            "giving up at shutdown; the rescuer will take these jobs"
+                        );
                         break;
                     }
                 }

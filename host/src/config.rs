@@ -17,7 +17,10 @@ pub enum ConfigError {
     #[error("configuration: {0}")]
     Load(#[from] Box<figment::Error>),
     #[error("configuration: {field}: {problem}")]
-    Invalid { field: &'static str, problem: String },
+    Invalid {
+        field: &'static str,
+        problem: String,
+    },
 }
 
 /// `HANGAR_*` variables that are not settings (read elsewhere, or set for subprocesses).
@@ -215,7 +218,10 @@ impl Config {
 
     pub fn drivers_dir(&self) -> PathBuf {
         self.drivers_dir.clone().unwrap_or_else(|| {
-            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../python/hangar_mmdet"))
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../python/hangar_mmdet"
+            ))
         })
     }
 }

@@ -30,7 +30,10 @@ pub struct Database {
 }
 
 /// Starts the embedded cluster (under `data_dir/pg`) and makes sure its database exists.
-pub async fn start_embedded(data_dir: &std::path::Path, throwaway: bool) -> Result<(EmbeddedPostgres, String), DatabaseError> {
+pub async fn start_embedded(
+    data_dir: &std::path::Path,
+    throwaway: bool,
+) -> Result<(EmbeddedPostgres, String), DatabaseError> {
     let options = EmbeddedOptions {
         data_dir: data_dir.to_owned(),
         throwaway,
@@ -43,10 +46,11 @@ pub async fn start_embedded(data_dir: &std::path::Path, throwaway: bool) -> Resu
             source: std::io::Error::other(e),
         })??;
     let mut admin = sqlx::PgConnection::connect(&embedded.url("postgres")).await?;
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-        .bind(EMBEDDED_DATABASE)
-        .fetch_one(&mut admin)
-        .await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(EMBEDDED_DATABASE)
+            .fetch_one(&mut admin)
+            .await?;
     if !exists {
         sqlx::query(&format!("CREATE DATABASE {EMBEDDED_DATABASE}"))
             .execute(&mut admin)
@@ -68,5 +72,9 @@ pub async fn open(config: &Config, max_connections: u32) -> Result<Database, Dat
     };
     let pool = storage::connect(&url, config, max_connections).await?;
     storage::prepare_schema(&pool, config).await?;
-    Ok(Database { pool, url, embedded })
+    Ok(Database {
+        pool,
+        url,
+        embedded,
+    })
 }

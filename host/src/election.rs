@@ -67,7 +67,11 @@ pub struct Elected {
 }
 
 /// Elects the state after a failed attempt.
-pub fn elect_after_failure(policy: &dyn RetryPolicy, job: &FailedJob<'_>, now: DateTime<Utc>) -> Elected {
+pub fn elect_after_failure(
+    policy: &dyn RetryPolicy,
+    job: &FailedJob<'_>,
+    now: DateTime<Utc>,
+) -> Elected {
     let error = job.error;
     let failure = serde_json::json!({
         "exception_type": error.exception_type,
@@ -129,9 +133,18 @@ mod tests {
 
     #[test]
     fn seed_schedule_is_1_2_4_minutes_then_fail() {
-        assert_eq!(decide(1), RetryDecision::RetryAfter(Duration::from_secs(60)));
-        assert_eq!(decide(2), RetryDecision::RetryAfter(Duration::from_secs(120)));
-        assert_eq!(decide(3), RetryDecision::RetryAfter(Duration::from_secs(240)));
+        assert_eq!(
+            decide(1),
+            RetryDecision::RetryAfter(Duration::from_secs(60))
+        );
+        assert_eq!(
+            decide(2),
+            RetryDecision::RetryAfter(Duration::from_secs(120))
+        );
+        assert_eq!(
+            decide(3),
+            RetryDecision::RetryAfter(Duration::from_secs(240))
+        );
         assert_eq!(decide(4), RetryDecision::Fail);
     }
 }

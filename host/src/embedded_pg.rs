@@ -153,7 +153,10 @@ impl EmbeddedPostgres {
             .arg("-k")
             .arg(&self.socket_dir)
             .args(["-p", &PORT.to_string(), "-c", "listen_addresses="])
-            .args(["-c", &format!("max_connections={}", options.max_connections)])
+            .args([
+                "-c",
+                &format!("max_connections={}", options.max_connections),
+            ])
             .args(["-c", "shared_buffers=128MB"]);
         if options.throwaway {
             // A throwaway cluster needs no crash safety; these make it several times faster.

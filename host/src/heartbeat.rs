@@ -41,9 +41,19 @@ pub async fn run_heartbeat(
         }
         let sent_at = Instant::now();
         let held = running.held();
-        match renew(&pool, &server_id, &held, lease_ms, config.heartbeat_interval).await {
+        match renew(
+            &pool,
+            &server_id,
+            &held,
+            lease_ms,
+            config.heartbeat_interval,
+        )
+        .await
+        {
             Ok(held) => running.renewed(sent_at, &held),
-            Err(error) => tracing::warn!(%error, server = %server_id, "heartbeat failed; leases not renewed"),
+            Err(error) => {
+                tracing::warn!(%error, server = %server_id, "heartbeat failed; leases not renewed")
+            }
         }
     }
 }
@@ -66,7 +76,8 @@ async fn renew(
 
 pub async fn run_watchdog(config: Arc<Config>, running: RunningJobs, stop: CancellationToken) {
     let deadline = stop_deadline(&config);
-    let period = (config.heartbeat_interval / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
+    let period = (config.heartbeat_interval / 4)
+        .clamp(Duration::from_millis(10), Duration::from_millis(250));
     let mut ticker = tokio::time::interval(period);
     loop {
         tokio::select! {

@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::executor::devices::DevicePool;
 use crate::executor::{self, HandlerRegistry, JobCancellation, JobContext};
 use crate::running::RunningJobs;
-use crate::state::{FetchedJob, Fence};
+use crate::state::{Fence, FetchedJob};
 use crate::storage::jobs;
 
 /// What the producer and its workers share.
@@ -94,14 +94,27 @@ pub async fn run_producer(context: ProducerContext, wake: Arc<Notify>, stop: Can
                 .queues
                 .iter()
                 .map(|queue| {
-                    let quota = if config.device_queues.contains(queue) { free_devices } else { free };
+                    let quota = if config.device_queues.contains(queue) {
+                        free_devices
+                    } else {
+                        free
+                    };
                     i32::try_from(quota).unwrap_or(i32::MAX)
                 })
                 .collect();
             let limit = i32::try_from(free).unwrap_or(i32::MAX);
             // A fetch in flight is not interrupted by the stop signal: its jobs must be
             // started (or they would sit in Processing until their lease expires).
-            match jobs::fetch(&context.pool, &context.server_id, &config.queues, &quotas, limit, lease_ms).await {
+            match jobs::fetch(
+                &context.pool,
+                &context.server_id,
+                &config.queues,
+                &quotas,
+                limit,
+                lease_ms,
+            )
+            .await
+            {
                 Ok(fetched) => {
                     backoff = Duration::from_millis(100);
                     fetched_full = !fetched.is_empty() && fetched.len() == free;
@@ -134,7 +147,10 @@ pub async fn run_producer(context: ProducerContext, wake: Arc<Notify>, stop: Can
 fn start_worker(context: &ProducerContext, job: FetchedJob, fetched_at: Instant) {
     // The producer fetched at most the free permits, and only it takes permits.
     let Ok(permit) = Arc::clone(&context.workers).try_acquire_owned() else {
-        tracing::error!(job_id = job.id, "no free worker for a fetched job; it will be rescued when its lease expires");
+        tracing::error!(
+            job_id = job.id,
+            "no free worker for a fetched job; it will be rescued when its lease expires"
+        );
         return;
     };
     let device = if context.config.device_queues.contains(&job.queue) {
@@ -143,7 +159,9 @@ fn start_worker(context: &ProducerContext, job: FetchedJob, fetched_at: Instant)
         None
     };
     let cancellation = JobCancellation::default();
-    context.running.insert(job.id, job.attempt, cancellation.clone(), fetched_at);
+    context
+        .running
+        .insert(job.id, job.attempt, cancellation.clone(), fetched_at);
     let span = tracing::info_span!("job", job_id = job.id, kind = %job.kind, attempt = job.attempt, queue = %job.queue);
     let context = context.clone();
     tokio::spawn(
@@ -187,11 +205,16 @@ fn start_worker(context: &ProducerContext, job: FetchedJob, fetched_at: Instant)
 }
 
 /// Waits until no worker is running, or `deadline` passes; true when all finished.
-pub async fn wait_idle(workers: &Arc<Semaphore>, total: usize, deadline: tokio::time::Instant) -> bool {
+pub async fn wait_idle(
+    workers: &Arc<Semaphore>,
+    total: usize,
+    deadline: tokio::time::Instant,
+) -> bool {
     let all = u32::try_from(total).unwrap_or(u32::MAX);
-    let acquired: Option<OwnedSemaphorePermit> = tokio::time::timeout_at(deadline, Arc::clone(workers).acquire_many_owned(all))
-        .await
-        .ok()
-        .and_then(Result::ok);
+    let acquired: Option<OwnedSemaphorePermit> =
+        tokio::time::timeout_at(deadline, Arc::clone(workers).acquire_many_owned(all))
+            .await
+            .ok()
+            .and_then(Result::ok);
     acquired.is_some()
 }

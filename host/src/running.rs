@@ -27,10 +27,18 @@ pub struct RunningJobs {
 impl RunningJobs {
     fn lock(&self) -> MutexGuard<'_, HashMap<JobId, RunningJob>> {
         // A poisoned map still holds valid entries; a panic elsewhere must not stop the kills.
-        self.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.jobs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    pub fn insert(&self, id: JobId, attempt: i32, cancellation: JobCancellation, fetched_at: Instant) {
+    pub fn insert(
+        &self,
+        id: JobId,
+        attempt: i32,
+        cancellation: JobCancellation,
+        fetched_at: Instant,
+    ) {
         self.lock().insert(
             id,
             RunningJob {
@@ -56,7 +64,10 @@ impl RunningJobs {
     /// The attempts whose leases the heartbeat must renew: running, or ended but not yet
     /// written by the completer.
     pub fn held(&self) -> Vec<(JobId, i32)> {
-        self.lock().iter().map(|(id, job)| (*id, job.attempt)).collect()
+        self.lock()
+            .iter()
+            .map(|(id, job)| (*id, job.attempt))
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -76,7 +87,11 @@ impl RunningJobs {
             if held.contains(&(*id, job.attempt)) {
                 job.lease_basis = job.lease_basis.max(sent_at);
             } else if job.lease_basis < sent_at {
-                tracing::warn!(job_id = id, attempt = job.attempt, "lease no longer held; stopping the job");
+                tracing::warn!(
+                    job_id = id,
+                    attempt = job.attempt,
+                    "lease no longer held; stopping the job"
+                );
                 job.cancellation.cancel(CancelReason::LeaseLost);
             }
         }
@@ -85,8 +100,14 @@ impl RunningJobs {
     /// Stops every job whose lease basis is older than `deadline_age` before `now`.
     pub fn stop_expiring(&self, now: Instant, deadline_age: std::time::Duration) {
         for (id, job) in self.lock().iter() {
-            if now.duration_since(job.lease_basis) >= deadline_age && !job.cancellation.token().is_cancelled() {
-                tracing::error!(job_id = id, attempt = job.attempt, "lease could not be renewed in time; stopping the job before it expires");
+            if now.duration_since(job.lease_basis) >= deadline_age
+                && !job.cancellation.token().is_cancelled()
+            {
+                tracing::error!(
+                    job_id = id,
+                    attempt = job.attempt,
+                    "lease could not be renewed in time; stopping the job before it expires"
+                );
                 job.cancellation.cancel(CancelReason::LeaseLost);
             }
         }

@@ -19,11 +19,11 @@ use crate::config::Config;
 use crate::election::{ExponentialRetry, RetryPolicy};
 use crate::executor::devices::DevicePool;
 use crate::executor::HandlerRegistry;
+use crate::heartbeat;
 use crate::maintenance::{self, MaintenanceContext};
 use crate::producer::{self, ProducerContext};
 use crate::running::RunningJobs;
 use crate::storage::{jobs_channel, servers, StorageError};
-use crate::heartbeat;
 
 /// Everything a server is made of, before it starts.
 pub struct ServerParts {
@@ -104,7 +104,12 @@ impl RunningServer {
             observers: Arc::new(observers),
         };
         let running = RunningJobs::default();
-        let completer = Completer::start(apply.clone(), Arc::clone(&policy), id.clone(), running.clone());
+        let completer = Completer::start(
+            apply.clone(),
+            Arc::clone(&policy),
+            id.clone(),
+            running.clone(),
+        );
         let workers = Arc::new(Semaphore::new(config.worker_count));
         let stop_fetching = CancellationToken::new();
         let stop_background = CancellationToken::new();
@@ -205,11 +210,18 @@ impl RunningServer {
             tracing::warn!(server = %self.id, running = self.running.len(), "grace period ending; stopping and releasing the remaining jobs");
             self.jobs_stop.cancel();
             let patience = crate::executor::stop_patience(&self.config);
-            let _ = producer::wait_idle(&self.workers, total, tokio::time::Instant::now() + patience).await;
+            let _ =
+                producer::wait_idle(&self.workers, total, tokio::time::Instant::now() + patience)
+                    .await;
         }
         let patience = crate::executor::stop_patience(&self.config) + Duration::from_secs(5);
-        if tokio::time::timeout(patience, self.completer.stop()).await.is_err() {
-            tracing::error!("completer did not finish; unwritten jobs will be rescued when their lease expires");
+        if tokio::time::timeout(patience, self.completer.stop())
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                "completer did not finish; unwritten jobs will be rescued when their lease expires"
+            );
         }
         self.stop_background.cancel();
         for task in self.background {

@@ -97,7 +97,12 @@ impl TestDb {
         let config = test_config(&schema, dir.path());
         let pool = storage::connect(&url, &config, 50).await.expect("connect");
         storage::migrate(&pool, &schema).await.expect("migrate");
-        TestDb { pool, config, url, dir }
+        TestDb {
+            pool,
+            config,
+            url,
+            dir,
+        }
     }
 
     pub fn client(&self) -> hangar::client::Client {
@@ -106,16 +111,24 @@ impl TestDb {
 
     /// An in-process server with `handlers` and `config`.
     pub async fn server(&self, config: Config, handlers: HandlerRegistry) -> RunningServer {
-        let pool = storage::connect(&self.url, &config, u32::try_from(config.worker_count).unwrap_or(50) + 10)
-            .await
-            .expect("connect");
+        let pool = storage::connect(
+            &self.url,
+            &config,
+            u32::try_from(config.worker_count).unwrap_or(50) + 10,
+        )
+        .await
+        .expect("connect");
         RunningServer::start(ServerParts::new(Arc::new(config), pool, handlers))
             .await
             .expect("start server")
     }
 
     pub async fn job(&self, id: i64) -> hangar::client::JobDetails {
-        self.client().details(id).await.expect("details").expect("job exists")
+        self.client()
+            .details(id)
+            .await
+            .expect("details")
+            .expect("job exists")
     }
 
     pub async fn state(&self, id: i64) -> String {
@@ -134,7 +147,10 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -170,13 +186,25 @@ impl ServerProcess {
             .env("HANGAR_DEVICE_QUEUES", "[]")
             .env("HANGAR_GPUS", "[]")
             .env("HANGAR_LEASE_DURATION", human(config.lease_duration))
-            .env("HANGAR_HEARTBEAT_INTERVAL", human(config.heartbeat_interval))
+            .env(
+                "HANGAR_HEARTBEAT_INTERVAL",
+                human(config.heartbeat_interval),
+            )
             .env("HANGAR_KILL_GRACE_PERIOD", human(config.kill_grace_period))
-            .env("HANGAR_SHUTDOWN_GRACE_PERIOD", human(config.shutdown_grace_period))
+            .env(
+                "HANGAR_SHUTDOWN_GRACE_PERIOD",
+                human(config.shutdown_grace_period),
+            )
             .env("HANGAR_RETRY_UNIT", human(config.retry_unit))
-            .env("HANGAR_SCHEDULER_INTERVAL", human(config.scheduler_interval))
+            .env(
+                "HANGAR_SCHEDULER_INTERVAL",
+                human(config.scheduler_interval),
+            )
             .env("HANGAR_RESCUER_INTERVAL", human(config.rescuer_interval))
-            .env("HANGAR_QUEUE_POLL_INTERVAL", human(config.queue_poll_interval))
+            .env(
+                "HANGAR_QUEUE_POLL_INTERVAL",
+                human(config.queue_poll_interval),
+            )
             .env("HANGAR_LOG", "info,sqlx=warn");
         for (key, value) in extra_env {
             command.env(key, value);

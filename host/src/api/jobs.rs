@@ -5,8 +5,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 
 use super::problem::ApiError;
-use super::{require, AppState};
-use crate::auth::Caller;
+use super::{AppState, Authorized, JobsRead};
 use crate::client::JobDetails;
 
 pub fn routes() -> Router<AppState> {
@@ -15,10 +14,9 @@ pub fn routes() -> Router<AppState> {
 
 async fn get_job(
     State(state): State<AppState>,
-    caller: Caller,
+    _: Authorized<JobsRead>,
     Path(id): Path<String>,
 ) -> Result<Json<JobDetails>, ApiError> {
-    require(&caller, "jobs:read")?;
     let id: i64 = id.parse().map_err(|_| ApiError::BadRequest {
         field: Some("id".into()),
         detail: format!("id: {id:?} is not a job id (a positive integer)"),

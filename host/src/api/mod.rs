@@ -47,27 +47,66 @@ pub fn app(state: AppState) -> Router {
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .ok_or(ApiError::Unauthorized("send `Authorization: Bearer <token>`; create a token with `hangar token create`"))?;
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let header =
+            parts
+                .headers
+                .get(axum::http::header::AUTHORIZATION)
+                .ok_or(ApiError::Unauthorized(
+                "send `Authorization: Bearer <token>`; create a token with `hangar token create`",
+            ))?;
         let token = header
             .to_str()
             .ok()
             .and_then(|value| value.strip_prefix("Bearer "))
-            .ok_or(ApiError::Unauthorized("the Authorization header must be `Bearer <token>`"))?;
+            .ok_or(ApiError::Unauthorized(
+                "the Authorization header must be `Bearer <token>`",
+            ))?;
         auth::authenticate(&state.pool, token.trim())
             .await?
             .ok_or(ApiError::Unauthorized("the token is unknown or revoked"))
     }
 }
 
-/// Refuses a caller without `claim`.
-pub fn require(caller: &Caller, claim: &'static str) -> Result<(), ApiError> {
-    if caller.has(claim) {
-        Ok(())
-    } else {
-        Err(ApiError::Forbidden(claim))
+/// A claim an endpoint requires, as a type so the check runs before the body is read.
+pub trait Claim {
+    const NAME: &'static str;
+}
+
+macro_rules! claims {
+    ($($type:ident => $name:literal),* $(,)?) => {
+        $(
+            pub struct $type;
+            impl Claim for $type {
+                const NAME: &'static str = $name;
+            }
+        )*
+    };
+}
+
+claims! {
+    RunsRead => "runs:read",
+    RunsWrite => "runs:write",
+    JobsRead => "jobs:read",
+}
+
+/// A caller holding claim `C`; extracting it refuses everyone else (401 or 403).
+pub struct Authorized<C>(pub Caller, std::marker::PhantomData<C>);
+
+impl<C: Claim + Send + Sync> FromRequestParts<AppState> for Authorized<C> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        if !caller.has(C::NAME) {
+            return Err(ApiError::Forbidden(C::NAME));
+        }
+        Ok(Authorized(caller, std::marker::PhantomData))
     }
 }

@@ -14,7 +14,10 @@ use crate::storage::StorageError;
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("{detail}")]
-    BadRequest { field: Option<String>, detail: String },
+    BadRequest {
+        field: Option<String>,
+        detail: String,
+    },
     #[error("{}", invalid_detail(field, detail))]
     Invalid { field: String, detail: String },
     #[error("{0}")]
@@ -62,7 +65,10 @@ impl From<ClientError> for ApiError {
         match error {
             ClientError::NotFound(_) => ApiError::NotFound(error.to_string()),
             ClientError::Processing(_) => ApiError::Conflict(error.to_string()),
-            ClientError::Invalid(detail) => ApiError::BadRequest { field: None, detail },
+            ClientError::Invalid(detail) => ApiError::BadRequest {
+                field: None,
+                detail,
+            },
             ClientError::Storage(e) => e.into(),
         }
     }
@@ -71,8 +77,14 @@ impl From<ClientError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, title, field) = match &self {
-            ApiError::BadRequest { field, .. } => (StatusCode::BAD_REQUEST, "Bad request", field.clone()),
-            ApiError::Invalid { field, .. } => (StatusCode::UNPROCESSABLE_ENTITY, "Invalid field", Some(field.clone())),
+            ApiError::BadRequest { field, .. } => {
+                (StatusCode::BAD_REQUEST, "Bad request", field.clone())
+            }
+            ApiError::Invalid { field, .. } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid field",
+                Some(field.clone()),
+            ),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "Not found", None),
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "Unauthorized", None),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "Forbidden", None),
@@ -111,7 +123,10 @@ where
 {
     type Rejection = ApiError;
 
-    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(
+        request: axum::extract::Request,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
         match axum::Json::<T>::from_request(request, state).await {
             Ok(axum::Json(value)) => Ok(ApiJson(value)),
             Err(rejection) => Err(json_problem(&rejection)),
@@ -130,7 +145,10 @@ fn json_problem(rejection: &JsonRejection) -> ApiError {
             field: field_in_serde_message(&detail).unwrap_or_else(|| "body".into()),
             detail,
         },
-        _ => ApiError::BadRequest { field: None, detail },
+        _ => ApiError::BadRequest {
+            field: None,
+            detail,
+        },
     }
 }
 
@@ -143,8 +161,11 @@ fn field_in_serde_message(message: &str) -> Option<String> {
         }
     }
     let candidate = message.split(": ").next()?.trim();
-    (!candidate.is_empty() && candidate.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.'))
-        .then(|| candidate.to_owned())
+    (!candidate.is_empty()
+        && candidate
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.'))
+    .then(|| candidate.to_owned())
 }
 
 /// Parses a path id, naming it in the error.

@@ -7,17 +7,22 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use super::problem::{parse_uuid, ApiJson};
-use super::{require, ApiError, AppState};
-use crate::auth::Caller;
+use super::{ApiError, AppState, Authorized, RunsRead, RunsWrite};
 use crate::runs::detection::CreateDetectionRun;
 use crate::runs::training::CreateTrainingRun;
 use crate::storage::runs::{self, Detection, DetectionRunRow, ModelRow, TrainingRunRow};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
-        .route("/v1/detection-runs", get(list_detection_runs).post(create_detection_run))
+        .route(
+            "/v1/detection-runs",
+            get(list_detection_runs).post(create_detection_run),
+        )
         .route("/v1/detection-runs/{id}", get(get_detection_run))
-        .route("/v1/training-runs", get(list_training_runs).post(create_training_run))
+        .route(
+            "/v1/training-runs",
+            get(list_training_runs).post(create_training_run),
+        )
         .route("/v1/training-runs/{id}", get(get_training_run))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
@@ -54,7 +59,9 @@ impl Page {
     }
 }
 
-fn page(query: Result<Query<Page>, axum::extract::rejection::QueryRejection>) -> Result<(i64, i64), ApiError> {
+fn page(
+    query: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
+) -> Result<(i64, i64), ApiError> {
     let Query(page) = query.map_err(|rejection| ApiError::BadRequest {
         field: None,
         detail: rejection.body_text(),
@@ -71,10 +78,9 @@ struct DetectionRunView {
 
 async fn create_detection_run(
     State(state): State<AppState>,
-    caller: Caller,
+    Authorized(caller, _): Authorized<RunsWrite>,
     ApiJson(request): ApiJson<CreateDetectionRun>,
 ) -> Result<(StatusCode, Json<DetectionRunView>), ApiError> {
-    require(&caller, "runs:write")?;
     let run = state.runs.create_detection_run(&request).await?;
     tracing::info!(run = %run.id, caller = %caller.name, "detection run created");
     Ok((
@@ -88,22 +94,22 @@ async fn create_detection_run(
 
 async fn list_detection_runs(
     State(state): State<AppState>,
-    caller: Caller,
+    _: Authorized<RunsRead>,
     query: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<DetectionRunRow>>, ApiError> {
-    require(&caller, "runs:read")?;
     let (limit, offset) = page(query)?;
     // As the seed did when its run list was opened: no run shows Processing for a dead job.
     runs::reconcile(&state.pool).await?;
-    Ok(Json(runs::list_detection_runs(&state.pool, limit, offset).await?))
+    Ok(Json(
+        runs::list_detection_runs(&state.pool, limit, offset).await?,
+    ))
 }
 
 async fn get_detection_run(
     State(state): State<AppState>,
-    caller: Caller,
+    _: Authorized<RunsRead>,
     Path(id): Path<String>,
 ) -> Result<Json<DetectionRunView>, ApiError> {
-    require(&caller, "runs:read")?;
     let id = parse_uuid("id", &id)?;
     let run = runs::get_detection_run(&state.pool, id)
         .await?
@@ -114,10 +120,9 @@ async fn get_detection_run(
 
 async fn create_training_run(
     State(state): State<AppState>,
-    caller: Caller,
+    Authorized(caller, _): Authorized<RunsWrite>,
     ApiJson(request): ApiJson<CreateTrainingRun>,
 ) -> Result<(StatusCode, Json<TrainingRunRow>), ApiError> {
-    require(&caller, "runs:write")?;
     let run = state.runs.create_training_run(&request).await?;
     tracing::info!(run = %run.id, caller = %caller.name, "training run created");
     Ok((StatusCode::CREATED, Json(run)))
@@ -125,21 +130,21 @@ async fn create_training_run(
 
 async fn list_training_runs(
     State(state): State<AppState>,
-    caller: Caller,
+    _: Authorized<RunsRead>,
     query: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<TrainingRunRow>>, ApiError> {
-    require(&caller, "runs:read")?;
     let (limit, offset) = page(query)?;
     runs::reconcile(&state.pool).await?;
-    Ok(Json(runs::list_training_runs(&state.pool, limit, offset).await?))
+    Ok(Json(
+        runs::list_training_runs(&state.pool, limit, offset).await?,
+    ))
 }
 
 async fn get_training_run(
     State(state): State<AppState>,
-    caller: Caller,
+    _: Authorized<RunsRead>,
     Path(id): Path<String>,
 ) -> Result<Json<TrainingRunRow>, ApiError> {
-    require(&caller, "runs:read")?;
     let id = parse_uuid("id", &id)?;
     runs::get_training_run(&state.pool, id)
         .await?
@@ -147,26 +152,21 @@ async fn get_training_run(
         .ok_or_else(|| ApiError::NotFound(format!("training run {id} does not exist")))
 }
 
-async fn list_models(State(state): State<AppState>, caller: Caller) -> Result<Json<Vec<ModelRow>>, ApiError> {
-    require(&caller, "runs:read")?;
+async fn list_models(
+    State(state): State<AppState>,
+    _: Authorized<RunsRead>,
+) -> Result<Json<Vec<ModelRow>>, ApiError> {
     Ok(Json(runs::list_models(&state.pool).await?))
 }
 
 async fn get_model(
     State(state): State<AppState>,
-    caller: Caller,
+    _: Authorized<RunsRead>,
     Path(id): Path<String>,
 ) -> Result<Json<ModelRow>, ApiError> {
-    require(&caller, "runs:read")?;
     let id = parse_uuid("id", &id)?;
     runs::get_model(&state.pool, id)
         .await?
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("model {id} does not exist")))
-}
-
-#[allow(dead_code)]
-fn assert_send(state: AppState, request: CreateDetectionRun) {
-    fn is_send<T: Send>(_: T) {}
-    is_send(async move { state.runs.create_detection_run(&request).await });
 }

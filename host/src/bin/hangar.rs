@@ -19,7 +19,11 @@ use hangar::server::{RunningServer, ServerParts};
 use hangar::state::NewJob;
 
 #[derive(Parser)]
-#[command(name = "hangar", version, about = "A job host for MMDetection runs on PostgreSQL")]
+#[command(
+    name = "hangar",
+    version,
+    about = "A job host for MMDetection runs on PostgreSQL"
+)]
 struct Cli {
     /// TOML configuration file (environment variables HANGAR_* override it).
     #[arg(long, short, global = true, env = "HANGAR_CONFIG")]
@@ -102,8 +106,11 @@ mod hangar_bench;
 
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("HANGAR_LOG").unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        EnvFilter::try_from_env("HANGAR_LOG").unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if std::env::var("HANGAR_LOG_FORMAT").is_ok_and(|f| f == "json") {
         builder.json().init();
     } else {
@@ -161,18 +168,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Mmdet { command: MmdetCommand::Install } => install_mmdet(&config),
+        Command::Mmdet {
+            command: MmdetCommand::Install,
+        } => install_mmdet(&config),
         Command::Job { command } => {
             let db = database::open(&config, 2).await?;
             let client = Client::new(db.pool.clone(), &config.schema_name);
             match command {
                 JobCommand::Enqueue { kind, queue, args } => {
-                    let args: serde_json::Value = serde_json::from_str(&args).context("--args is not valid JSON")?;
-                    let id = client.enqueue(&NewJob::new(kind, queue).with_args(args)).await?;
+                    let args: serde_json::Value =
+                        serde_json::from_str(&args).context("--args is not valid JSON")?;
+                    let id = client
+                        .enqueue(&NewJob::new(kind, queue).with_args(args))
+                        .await?;
                     println!("{id}");
                 }
                 JobCommand::Show { id } => {
-                    let details = client.details(id).await?.with_context(|| format!("job {id} does not exist"))?;
+                    let details = client
+                        .details(id)
+                        .await?
+                        .with_context(|| format!("job {id} does not exist"))?;
                     println!("{}", serde_json::to_string_pretty(&details)?);
                 }
             }
@@ -183,7 +198,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn install_mmdet(config: &Config) -> anyhow::Result<()> {
-    let script = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../python/install-mmdet.sh"));
+    let script = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../python/install-mmdet.sh"
+    ));
     let link = std::path::absolute(config.data_dir.join("mmdet-venv"))?;
     let status = std::process::Command::new("bash")
         .arg(&script)
@@ -206,9 +224,15 @@ fn standard_handlers(config: &Config) -> HandlerRegistry {
 }
 
 async fn serve(config: Arc<Config>, no_http: bool) -> anyhow::Result<()> {
-    let max_connections = u32::try_from(config.worker_count).unwrap_or(u32::MAX).saturating_add(10);
+    let max_connections = u32::try_from(config.worker_count)
+        .unwrap_or(u32::MAX)
+        .saturating_add(10);
     let db = database::open(&config, max_connections).await?;
-    let mut parts = ServerParts::new(Arc::clone(&config), db.pool.clone(), standard_handlers(&config));
+    let mut parts = ServerParts::new(
+        Arc::clone(&config),
+        db.pool.clone(),
+        standard_handlers(&config),
+    );
     parts.observers.push(Arc::new(RunStatusFollower {
         files: RunFiles::new(&config),
     }));
@@ -221,7 +245,10 @@ async fn serve(config: Arc<Config>, no_http: bool) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", config.http_listen))?;
         let address = listener.local_addr()?;
-        println!("hangar listening on http://{address} (server {})", server.id());
+        println!(
+            "hangar listening on http://{address} (server {})",
+            server.id()
+        );
         let app = api::app(AppState::new(db.pool.clone(), &config.schema_name));
         let stop = shutdown.clone();
         Some(tokio::spawn(async move {

@@ -15,7 +15,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::state::{FetchedJob, Fence, JobError};
+use crate::state::{Fence, FetchedJob, JobError};
 use devices::DeviceLease;
 
 /// Why a running job was asked to stop.
@@ -123,7 +123,10 @@ pub async fn execute(handler: Option<Arc<dyn JobHandler>>, ctx: &JobContext) -> 
     let Some(handler) = handler else {
         return Outcome::Failed(JobError::new(
             "UnknownJobKind",
-            format!("no handler is registered for job kind {:?} on this server", ctx.job.kind),
+            format!(
+                "no handler is registered for job kind {:?} on this server",
+                ctx.job.kind
+            ),
         ));
     };
     let timeout = ctx
@@ -162,7 +165,10 @@ pub async fn execute(handler: Option<Arc<dyn JobHandler>>, ctx: &JobContext) -> 
                 "the job ran past its timeout of {}",
                 humantime::format_duration(timeout.unwrap_or_default())
             ),
-            details: format!("{}: {}\n{}", error.exception_type, error.message, error.details),
+            details: format!(
+                "{}: {}\n{}",
+                error.exception_type, error.message, error.details
+            ),
         }),
         (None, Err(error)) => Outcome::Failed(error),
     }

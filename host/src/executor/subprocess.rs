@@ -50,7 +50,9 @@ impl Finished {
             (None, None) => "ended".into(),
         };
         match self.stopped_with {
-            Some(Signal::SIGKILL) => format!("{ended} (stopped by hangar: SIGTERM was ignored, then SIGKILL)"),
+            Some(Signal::SIGKILL) => {
+                format!("{ended} (stopped by hangar: SIGTERM was ignored, then SIGKILL)")
+            }
             Some(signal) => format!("{ended} (stopped by hangar with {signal})"),
             None => ended,
         }
@@ -165,7 +167,10 @@ async fn kill_remaining_group(group: Pid) {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    tracing::warn!(pgid = group.as_raw(), "process group still has live members after SIGKILL");
+    tracing::warn!(
+        pgid = group.as_raw(),
+        "process group still has live members after SIGKILL"
+    );
 }
 
 /// How long (×10 ms) to wait for a killed group to be gone.
@@ -179,7 +184,10 @@ fn group_has_live_members(pgid: i32) -> bool {
         return false;
     };
     entries.filter_map(Result::ok).any(|entry| {
-        let is_pid = entry.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()));
+        let is_pid = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()));
         is_pid
             && std::fs::read_to_string(entry.path().join("stat")).is_ok_and(|stat| {
                 // "pid (comm) state ppid pgrp ..."; comm may hold spaces, so split after ')'.

@@ -31,7 +31,11 @@ pub struct MaintenanceContext {
 /// How often a follower retries to become the leader.
 const LEADER_RETRY: Duration = Duration::from_secs(2);
 
-pub async fn run_leader_loop(context: MaintenanceContext, server_id: String, stop: CancellationToken) {
+pub async fn run_leader_loop(
+    context: MaintenanceContext,
+    server_id: String,
+    stop: CancellationToken,
+) {
     let key = servers::leader_lock_key(&context.config.schema_name);
     loop {
         let options = context.pool.connect_options();
@@ -55,7 +59,11 @@ pub async fn run_leader_loop(context: MaintenanceContext, server_id: String, sto
 }
 
 /// Runs the services on their intervals while `conn` (holding the lock) stays alive.
-async fn lead(context: &MaintenanceContext, conn: &mut sqlx::PgConnection, stop: &CancellationToken) {
+async fn lead(
+    context: &MaintenanceContext,
+    conn: &mut sqlx::PgConnection,
+    stop: &CancellationToken,
+) {
     let config = &context.config;
     let expirer_interval = Duration::from_secs(3600);
     let tick = config
@@ -63,7 +71,8 @@ async fn lead(context: &MaintenanceContext, conn: &mut sqlx::PgConnection, stop:
         .min(config.rescuer_interval)
         .max(Duration::from_millis(10));
     let now = Instant::now();
-    let (mut next_scheduler, mut next_rescuer, mut next_reconcile, mut next_expire) = (now, now, now, now);
+    let (mut next_scheduler, mut next_rescuer, mut next_reconcile, mut next_expire) =
+        (now, now, now, now);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,

@@ -44,6 +44,10 @@ pub async fn run_once(context: &MaintenanceContext) -> Result<usize, StorageErro
     }
     // Servers silent for several leases are gone; forget them (their jobs were rescued above).
     let dead_after = context.config.lease_duration * 3;
-    servers::remove_dead(&context.pool, i64::try_from(dead_after.as_millis()).unwrap_or(i64::MAX)).await?;
+    servers::remove_dead(
+        &context.pool,
+        i64::try_from(dead_after.as_millis()).unwrap_or(i64::MAX),
+    )
+    .await?;
     Ok(rescued)
 }

@@ -7,8 +7,9 @@ use uuid::Uuid;
 
 use super::files::RunFiles;
 use super::{
-    attempt_device, enqueue_run_job, existing_file, lease_lost, require_name, run_driver, run_id_of,
-    storage_failure, HandlerFuture, RunError, RunService, DETECTION_KIND, DETECTION_RUN_PARAMETER,
+    attempt_device, enqueue_run_job, existing_file, lease_lost, require_name, run_driver,
+    run_id_of, storage_failure, HandlerFuture, RunError, RunService, DETECTION_KIND,
+    DETECTION_RUN_PARAMETER,
 };
 use crate::config::Config;
 use crate::executor::{JobContext, JobHandler};
@@ -35,7 +36,10 @@ pub struct CreateDetectionRun {
 }
 
 impl RunService {
-    pub async fn create_detection_run(&self, request: &CreateDetectionRun) -> Result<DetectionRunRow, RunError> {
+    pub async fn create_detection_run(
+        &self,
+        request: &CreateDetectionRun,
+    ) -> Result<DetectionRunRow, RunError> {
         require_name(&request.name)?;
         let image = existing_file("image_path", &request.image_path)?;
         if !image.is_file() {
@@ -59,7 +63,10 @@ impl RunService {
                 });
             }
         }
-        if runs::get_model(&self.pool, request.model_id).await?.is_none() {
+        if runs::get_model(&self.pool, request.model_id)
+            .await?
+            .is_none()
+        {
             return Err(RunError::Invalid {
                 field: "model_id",
                 problem: format!("no model {} exists", request.model_id),
@@ -67,7 +74,14 @@ impl RunService {
         }
         let id = Uuid::now_v7();
         let mut tx = self.pool.begin().await?;
-        let job_id = enqueue_run_job(&self.client, &mut tx, DETECTION_KIND, DETECTION_RUN_PARAMETER, id).await?;
+        let job_id = enqueue_run_job(
+            &self.client,
+            &mut tx,
+            DETECTION_KIND,
+            DETECTION_RUN_PARAMETER,
+            id,
+        )
+        .await?;
         let image = image.display().to_string();
         runs::insert_detection_run(
             &mut tx,
@@ -86,7 +100,10 @@ impl RunService {
         tx.commit().await?;
         runs::get_detection_run(&self.pool, id)
             .await?
-            .ok_or(RunError::NotFound { what: "detection run", id })
+            .ok_or(RunError::NotFound {
+                what: "detection run",
+                id,
+            })
     }
 }
 
@@ -144,15 +161,28 @@ impl JobHandler for DetectionRunHandler {
             let run = runs::get_detection_run(&ctx.pool, run_id)
                 .await
                 .map_err(storage_failure)?
-                .ok_or_else(|| JobError::new("RunNotFound", format!("detection run {run_id} does not exist")))?;
+                .ok_or_else(|| {
+                    JobError::new(
+                        "RunNotFound",
+                        format!("detection run {run_id} does not exist"),
+                    )
+                })?;
             let model = runs::get_model(&ctx.pool, run.model_id)
                 .await
                 .map_err(storage_failure)?
-                .ok_or_else(|| JobError::new("ModelNotFound", format!("model {} does not exist", run.model_id)))?;
+                .ok_or_else(|| {
+                    JobError::new(
+                        "ModelNotFound",
+                        format!("model {} does not exist", run.model_id),
+                    )
+                })?;
             let device = attempt_device(ctx);
             {
                 let mut tx = ctx.pool.begin().await.map_err(storage_failure)?;
-                if !jobs::lock_if_held(&mut tx, &ctx.fence).await.map_err(storage_failure)? {
+                if !jobs::lock_if_held(&mut tx, &ctx.fence)
+                    .await
+                    .map_err(storage_failure)?
+                {
                     return Err(lease_lost());
                 }
                 runs::start_detection_run(&mut tx, run_id, &device.describe())
@@ -178,10 +208,15 @@ impl JobHandler for DetectionRunHandler {
             run_driver(ctx, &self.files, run_id, "detect.py", args).await?;
             let found = read_detections(&out_dir.join("detection_bboxes.json"))?;
             let mut tx = ctx.pool.begin().await.map_err(storage_failure)?;
-            if !jobs::lock_if_held(&mut tx, &ctx.fence).await.map_err(storage_failure)? {
+            if !jobs::lock_if_held(&mut tx, &ctx.fence)
+                .await
+                .map_err(storage_failure)?
+            {
                 return Err(lease_lost());
             }
-            runs::replace_detections(&mut tx, run_id, &found).await.map_err(storage_failure)?;
+            runs::replace_detections(&mut tx, run_id, &found)
+                .await
+                .map_err(storage_failure)?;
             tx.commit().await.map_err(storage_failure)?;
             tracing::info!(run = %run_id, detections = found.len(), "detection run finished");
             Ok(())

@@ -30,7 +30,10 @@ pub const TRAINING_RUN_PARAMETER: &str = "trainingRunId";
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("{field}: {problem}")]
-    Invalid { field: &'static str, problem: String },
+    Invalid {
+        field: &'static str,
+        problem: String,
+    },
     #[error("{what} {id} does not exist")]
     NotFound { what: &'static str, id: Uuid },
     #[error(transparent)]
@@ -41,7 +44,9 @@ impl From<ClientError> for RunError {
     fn from(error: ClientError) -> Self {
         match error {
             ClientError::Storage(e) => RunError::Storage(e),
-            other => RunError::Storage(StorageError::Database(sqlx::Error::Protocol(other.to_string()))),
+            other => RunError::Storage(StorageError::Database(sqlx::Error::Protocol(
+                other.to_string(),
+            ))),
         }
     }
 }
@@ -75,8 +80,12 @@ async fn enqueue_run_job(
 ) -> Result<i64, RunError> {
     let job = NewJob::new(kind, RUNS_QUEUE).with_args(serde_json::json!({ "run_id": run_id }));
     let job_id = client.enqueue_in(tx, &job).await?;
-    client.set_parameter_in(tx, job_id, parameter, &run_id.to_string()).await?;
-    client.set_parameter_in(tx, job_id, "priority", "high").await?;
+    client
+        .set_parameter_in(tx, job_id, parameter, &run_id.to_string())
+        .await?;
+    client
+        .set_parameter_in(tx, job_id, "priority", "high")
+        .await?;
     Ok(job_id)
 }
 
@@ -88,10 +97,12 @@ pub fn existing_file(field: &'static str, path: &str) -> Result<PathBuf, RunErro
             problem: "must not be empty".into(),
         });
     }
-    let resolved = Path::new(path).canonicalize().map_err(|e| RunError::Invalid {
-        field,
-        problem: format!("{path}: {e}"),
-    })?;
+    let resolved = Path::new(path)
+        .canonicalize()
+        .map_err(|e| RunError::Invalid {
+            field,
+            problem: format!("{path}: {e}"),
+        })?;
     Ok(resolved)
 }
 
@@ -111,8 +122,14 @@ pub async fn run_id_of(ctx: &JobContext, parameter: &str) -> Result<Uuid, JobErr
     let value = jobs::get_parameter(&mut conn, ctx.job.id, parameter)
         .await
         .map_err(storage_failure)?
-        .ok_or_else(|| JobError::new("MissingParameter", format!("job has no {parameter} parameter")))?;
-    Uuid::parse_str(&value).map_err(|e| JobError::new("InvalidParameter", format!("{parameter}={value:?}: {e}")))
+        .ok_or_else(|| {
+            JobError::new(
+                "MissingParameter",
+                format!("job has no {parameter} parameter"),
+            )
+        })?;
+    Uuid::parse_str(&value)
+        .map_err(|e| JobError::new("InvalidParameter", format!("{parameter}={value:?}: {e}")))
 }
 
 pub fn storage_failure(error: impl std::fmt::Display) -> JobError {
@@ -125,7 +142,9 @@ pub fn lease_lost() -> JobError {
 
 /// The device of the attempt: its slot, or the CPU for a job outside a device queue.
 pub fn attempt_device(ctx: &JobContext) -> Device {
-    ctx.device.as_ref().map_or(Device::Cpu(0), |lease| lease.device)
+    ctx.device
+        .as_ref()
+        .map_or(Device::Cpu(0), |lease| lease.device)
 }
 
 /// Runs one of hangar's MMDetection drivers for `ctx` with the run's logs.
@@ -162,7 +181,10 @@ pub async fn run_driver(
             ("PYTHONUNBUFFERED".into(), "1".into()),
             // mmdet's imports write caches (YAPF, matplotlib); keep them in hangar's folder.
             ("XDG_CACHE_HOME".into(), cache.display().to_string()),
-            ("MPLCONFIGDIR".into(), cache.join("matplotlib").display().to_string()),
+            (
+                "MPLCONFIGDIR".into(),
+                cache.join("matplotlib").display().to_string(),
+            ),
         ],
         stdout_path: files.stdout_log(run_id),
         stderr_path: files.stderr_log(run_id),

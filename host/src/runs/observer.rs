@@ -20,7 +20,8 @@ impl StateObserver for RunStatusFollower {
         Box::pin(async move {
             let ids: Vec<i64> = applied.iter().map(|a| a.job_id).collect();
             let states: Vec<&str> = applied.iter().map(|a| a.state.as_str()).collect();
-            let messages: Vec<Option<&str>> = applied.iter().map(|a| a.message.as_deref()).collect();
+            let messages: Vec<Option<&str>> =
+                applied.iter().map(|a| a.message.as_deref()).collect();
             let changes = runs::follow_job_states(conn, &ids, &states, &messages).await?;
             self.files.record_errors(&changes);
             Ok(())

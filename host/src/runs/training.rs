@@ -6,8 +6,9 @@ use uuid::Uuid;
 
 use super::files::RunFiles;
 use super::{
-    attempt_device, enqueue_run_job, existing_file, lease_lost, require_name, run_driver, run_id_of,
-    storage_failure, HandlerFuture, RunError, RunService, TRAINING_KIND, TRAINING_RUN_PARAMETER,
+    attempt_device, enqueue_run_job, existing_file, lease_lost, require_name, run_driver,
+    run_id_of, storage_failure, HandlerFuture, RunError, RunService, TRAINING_KIND,
+    TRAINING_RUN_PARAMETER,
 };
 use crate::config::Config;
 use crate::executor::{JobContext, JobHandler};
@@ -51,7 +52,10 @@ fn in_range(field: &'static str, value: i32, low: i32, high: i32) -> Result<i32,
 }
 
 impl RunService {
-    pub async fn create_training_run(&self, request: &CreateTrainingRun) -> Result<TrainingRunRow, RunError> {
+    pub async fn create_training_run(
+        &self,
+        request: &CreateTrainingRun,
+    ) -> Result<TrainingRunRow, RunError> {
         require_name(&request.name)?;
         let dataset = existing_file("dataset_path", &request.dataset_path)?;
         for split in ["train", "valid", "test"] {
@@ -85,7 +89,14 @@ impl RunService {
         }
         let id = Uuid::now_v7();
         let mut tx = self.pool.begin().await?;
-        let job_id = enqueue_run_job(&self.client, &mut tx, TRAINING_KIND, TRAINING_RUN_PARAMETER, id).await?;
+        let job_id = enqueue_run_job(
+            &self.client,
+            &mut tx,
+            TRAINING_KIND,
+            TRAINING_RUN_PARAMETER,
+            id,
+        )
+        .await?;
         let dataset = dataset.display().to_string();
         runs::insert_training_run(
             &mut tx,
@@ -107,7 +118,10 @@ impl RunService {
         tx.commit().await?;
         runs::get_training_run(&self.pool, id)
             .await?
-            .ok_or(RunError::NotFound { what: "training run", id })
+            .ok_or(RunError::NotFound {
+                what: "training run",
+                id,
+            })
     }
 }
 
@@ -141,11 +155,19 @@ impl JobHandler for TrainingRunHandler {
             let run = runs::get_training_run(&ctx.pool, run_id)
                 .await
                 .map_err(storage_failure)?
-                .ok_or_else(|| JobError::new("RunNotFound", format!("training run {run_id} does not exist")))?;
+                .ok_or_else(|| {
+                    JobError::new(
+                        "RunNotFound",
+                        format!("training run {run_id} does not exist"),
+                    )
+                })?;
             let device = attempt_device(ctx);
             {
                 let mut tx = ctx.pool.begin().await.map_err(storage_failure)?;
-                if !jobs::lock_if_held(&mut tx, &ctx.fence).await.map_err(storage_failure)? {
+                if !jobs::lock_if_held(&mut tx, &ctx.fence)
+                    .await
+                    .map_err(storage_failure)?
+                {
                     return Err(lease_lost());
                 }
                 runs::start_training_run(&mut tx, run_id, &device.describe())
@@ -175,10 +197,12 @@ impl JobHandler for TrainingRunHandler {
             }
             run_driver(ctx, &self.files, run_id, "train.py", args).await?;
             let result_path = work_dir.join("result.json");
-            let text = std::fs::read_to_string(&result_path)
-                .map_err(|e| JobError::new("MissingOutput", format!("{}: {e}", result_path.display())))?;
-            let result: TrainingResult = serde_json::from_str(&text)
-                .map_err(|e| JobError::new("InvalidOutput", format!("{}: {e}", result_path.display())))?;
+            let text = std::fs::read_to_string(&result_path).map_err(|e| {
+                JobError::new("MissingOutput", format!("{}: {e}", result_path.display()))
+            })?;
+            let result: TrainingResult = serde_json::from_str(&text).map_err(|e| {
+                JobError::new("InvalidOutput", format!("{}: {e}", result_path.display()))
+            })?;
             let model_id = Uuid::now_v7();
             let classes = serde_json::json!(result.classes);
             let name = match result.best_epoch {
@@ -186,7 +210,10 @@ impl JobHandler for TrainingRunHandler {
                 None => run.name.clone(),
             };
             let mut tx = ctx.pool.begin().await.map_err(storage_failure)?;
-            if !jobs::lock_if_held(&mut tx, &ctx.fence).await.map_err(storage_failure)? {
+            if !jobs::lock_if_held(&mut tx, &ctx.fence)
+                .await
+                .map_err(storage_failure)?
+            {
                 return Err(lease_lost());
             }
             runs::insert_model(
@@ -202,7 +229,9 @@ impl JobHandler for TrainingRunHandler {
             )
             .await
             .map_err(storage_failure)?;
-            runs::set_trained_model(&mut tx, run_id, model_id).await.map_err(storage_failure)?;
+            runs::set_trained_model(&mut tx, run_id, model_id)
+                .await
+                .map_err(storage_failure)?;
             tx.commit().await.map_err(storage_failure)?;
             tracing::info!(run = %run_id, model = %model_id, "training run produced a model");
             Ok(())

@@ -87,7 +87,12 @@ pub async fn notify_queues(conn: &mut PgConnection, channel: &str, queues: &[&st
 }
 
 /// Sets a parameter; false when the job does not exist.
-pub async fn set_parameter(conn: &mut PgConnection, id: JobId, name: &str, value: &str) -> Result<bool> {
+pub async fn set_parameter(
+    conn: &mut PgConnection,
+    id: JobId,
+    name: &str,
+    value: &str,
+) -> Result<bool> {
     let done = sqlx::query(
         "INSERT INTO job_parameters (job_id, name, value)
          SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM jobs WHERE id = $1)
@@ -101,29 +106,36 @@ pub async fn set_parameter(conn: &mut PgConnection, id: JobId, name: &str, value
     Ok(done.rows_affected() == 1)
 }
 
-pub async fn get_parameter(conn: &mut PgConnection, id: JobId, name: &str) -> Result<Option<String>> {
-    let value = sqlx::query_scalar("SELECT value FROM job_parameters WHERE job_id = $1 AND name = $2")
-        .bind(id)
-        .bind(name)
-        .fetch_optional(conn)
-        .await?;
+pub async fn get_parameter(
+    conn: &mut PgConnection,
+    id: JobId,
+    name: &str,
+) -> Result<Option<String>> {
+    let value =
+        sqlx::query_scalar("SELECT value FROM job_parameters WHERE job_id = $1 AND name = $2")
+            .bind(id)
+            .bind(name)
+            .fetch_optional(conn)
+            .await?;
     Ok(value)
 }
 
 pub async fn parameters(conn: &mut PgConnection, id: JobId) -> Result<Vec<(String, String)>> {
-    let rows = sqlx::query_as("SELECT name, value FROM job_parameters WHERE job_id = $1 ORDER BY name")
-        .bind(id)
-        .fetch_all(conn)
-        .await?;
+    let rows =
+        sqlx::query_as("SELECT name, value FROM job_parameters WHERE job_id = $1 ORDER BY name")
+            .bind(id)
+            .fetch_all(conn)
+            .await?;
     Ok(rows)
 }
 
 /// The job's state, locked until the transaction ends (serialises with its completion).
 pub async fn lock_state(conn: &mut PgConnection, id: JobId) -> Result<Option<JobState>> {
-    let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
-        .bind(id)
-        .fetch_optional(conn)
-        .await?;
+    let state: Option<String> =
+        sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(conn)
+            .await?;
     Ok(state.as_deref().and_then(JobState::parse))
 }
 
@@ -304,7 +316,10 @@ pub struct ResolvedChild {
 /// Moves the awaiting children of `parents` that reached a final state: to Enqueued when the
 /// parent's state matches the option, else to Deleted. Run in its own statement after the
 /// parents' update so it sees continuations committed while the parents were locked.
-pub async fn resolve_continuations(conn: &mut PgConnection, parents: &[JobId]) -> Result<Vec<ResolvedChild>> {
+pub async fn resolve_continuations(
+    conn: &mut PgConnection,
+    parents: &[JobId],
+) -> Result<Vec<ResolvedChild>> {
     let children = sqlx::query_as(
         "WITH parents AS (
              SELECT id, state FROM jobs

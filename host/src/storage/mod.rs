@@ -108,16 +108,15 @@ pub async fn prepare_schema(pool: &PgPool, config: &Config) -> Result<(), Storag
         return migrate(pool, &config.schema_name).await;
     }
     let required = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
-    let current: Option<i64> = sqlx::query_scalar(
-        "SELECT max(version) FROM _sqlx_migrations WHERE success",
-    )
-    .fetch_one(pool)
-    .await
-    .or_else(|error| match &error {
-        // No migration table yet: the schema was never migrated.
-        sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01") => Ok(None),
-        _ => Err(error),
-    })?;
+    let current: Option<i64> =
+        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+            .fetch_one(pool)
+            .await
+            .or_else(|error| match &error {
+                // No migration table yet: the schema was never migrated.
+                sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01") => Ok(None),
+                _ => Err(error),
+            })?;
     let current = current.unwrap_or(0);
     if current < required {
         return Err(StorageError::SchemaBehind {

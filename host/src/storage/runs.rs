@@ -104,9 +104,11 @@ pub async fn get_model(pool: &PgPool, id: Uuid) -> Result<Option<ModelRow>> {
 }
 
 pub async fn list_models(pool: &PgPool) -> Result<Vec<ModelRow>> {
-    Ok(sqlx::query_as("SELECT * FROM models ORDER BY created_at DESC")
-        .fetch_all(pool)
-        .await?)
+    Ok(
+        sqlx::query_as("SELECT * FROM models ORDER BY created_at DESC")
+            .fetch_all(pool)
+            .await?,
+    )
 }
 
 pub struct NewDetectionRun<'a> {
@@ -120,7 +122,10 @@ pub struct NewDetectionRun<'a> {
     pub job_id: JobId,
 }
 
-pub async fn insert_detection_run(conn: &mut PgConnection, run: &NewDetectionRun<'_>) -> Result<()> {
+pub async fn insert_detection_run(
+    conn: &mut PgConnection,
+    run: &NewDetectionRun<'_>,
+) -> Result<()> {
     sqlx::query(
         "INSERT INTO detection_runs
              (id, name, description, status, image_path, model_id, score_threshold, device, job_id)
@@ -146,12 +151,18 @@ pub async fn get_detection_run(pool: &PgPool, id: Uuid) -> Result<Option<Detecti
         .await?)
 }
 
-pub async fn list_detection_runs(pool: &PgPool, limit: i64, offset: i64) -> Result<Vec<DetectionRunRow>> {
-    Ok(sqlx::query_as("SELECT * FROM detection_runs ORDER BY created_at DESC, id LIMIT $1 OFFSET $2")
-        .bind(limit)
-        .bind(offset)
-        .fetch_all(pool)
-        .await?)
+pub async fn list_detection_runs(
+    pool: &PgPool,
+    limit: i64,
+    offset: i64,
+) -> Result<Vec<DetectionRunRow>> {
+    Ok(sqlx::query_as(
+        "SELECT * FROM detection_runs ORDER BY created_at DESC, id LIMIT $1 OFFSET $2",
+    )
+    .bind(limit)
+    .bind(offset)
+    .fetch_all(pool)
+    .await?)
 }
 
 pub async fn detections(pool: &PgPool, run_id: Uuid) -> Result<Vec<Detection>> {
@@ -179,7 +190,11 @@ pub async fn start_detection_run(conn: &mut PgConnection, id: Uuid, device: &str
 }
 
 /// Replaces the run's detections (caller holds the job's fence).
-pub async fn replace_detections(conn: &mut PgConnection, run_id: Uuid, found: &[Detection]) -> Result<()> {
+pub async fn replace_detections(
+    conn: &mut PgConnection,
+    run_id: Uuid,
+    found: &[Detection],
+) -> Result<()> {
     sqlx::query("DELETE FROM detections WHERE run_id = $1")
         .bind(run_id)
         .execute(&mut *conn)
@@ -250,12 +265,18 @@ pub async fn get_training_run(pool: &PgPool, id: Uuid) -> Result<Option<Training
         .await?)
 }
 
-pub async fn list_training_runs(pool: &PgPool, limit: i64, offset: i64) -> Result<Vec<TrainingRunRow>> {
-    Ok(sqlx::query_as("SELECT * FROM training_runs ORDER BY created_at DESC, id LIMIT $1 OFFSET $2")
-        .bind(limit)
-        .bind(offset)
-        .fetch_all(pool)
-        .await?)
+pub async fn list_training_runs(
+    pool: &PgPool,
+    limit: i64,
+    offset: i64,
+) -> Result<Vec<TrainingRunRow>> {
+    Ok(sqlx::query_as(
+        "SELECT * FROM training_runs ORDER BY created_at DESC, id LIMIT $1 OFFSET $2",
+    )
+    .bind(limit)
+    .bind(offset)
+    .fetch_all(pool)
+    .await?)
 }
 
 pub async fn start_training_run(conn: &mut PgConnection, id: Uuid, device: &str) -> Result<()> {
@@ -271,7 +292,11 @@ pub async fn start_training_run(conn: &mut PgConnection, id: Uuid, device: &str)
     Ok(())
 }
 
-pub async fn set_trained_model(conn: &mut PgConnection, run_id: Uuid, model_id: Uuid) -> Result<()> {
+pub async fn set_trained_model(
+    conn: &mut PgConnection,
+    run_id: Uuid,
+    model_id: Uuid,
+) -> Result<()> {
     sqlx::query("UPDATE training_runs SET trained_model_id = $2 WHERE id = $1")
         .bind(run_id)
         .bind(model_id)

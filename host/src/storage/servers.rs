@@ -18,7 +18,13 @@ pub fn leader_lock_key(schema: &str) -> i64 {
     hash as i64
 }
 
-pub async fn register(pool: &PgPool, id: &str, name: &str, queues: &[String], worker_count: i32) -> Result<()> {
+pub async fn register(
+    pool: &PgPool,
+    id: &str,
+    name: &str,
+    queues: &[String],
+    worker_count: i32,
+) -> Result<()> {
     sqlx::query(
         "INSERT INTO servers (id, name, queues, worker_count) VALUES ($1, $2, $3, $4)
          ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()",
@@ -68,10 +74,12 @@ pub async fn get(pool: &PgPool, id: &str) -> Result<Option<ServerRow>> {
 
 /// Forgets servers whose heartbeat is older than `timeout_ms` (their jobs are rescued by lease).
 pub async fn remove_dead(pool: &PgPool, timeout_ms: i64) -> Result<u64> {
-    let done = sqlx::query("DELETE FROM servers WHERE heartbeat_at < now() - $1 * interval '1 millisecond'")
-        .bind(timeout_ms)
-        .execute(pool)
-        .await?;
+    let done = sqlx::query(
+        "DELETE FROM servers WHERE heartbeat_at < now() - $1 * interval '1 millisecond'",
+    )
+    .bind(timeout_ms)
+    .execute(pool)
+    .await?;
     Ok(done.rows_affected())
 }
 

@@ -7,7 +7,13 @@ use super::StorageError;
 
 type Result<T> = std::result::Result<T, StorageError>;
 
-pub async fn insert(pool: &PgPool, id: Uuid, name: &str, sha256: &[u8], claims: &[String]) -> Result<()> {
+pub async fn insert(
+    pool: &PgPool,
+    id: Uuid,
+    name: &str,
+    sha256: &[u8],
+    claims: &[String],
+) -> Result<()> {
     sqlx::query("INSERT INTO api_tokens (id, name, token_sha256, claims) VALUES ($1, $2, $3, $4)")
         .bind(id)
         .bind(name)
@@ -30,9 +36,11 @@ pub async fn find_active(pool: &PgPool, sha256: &[u8]) -> Result<Option<(String,
 }
 
 pub async fn revoke(pool: &PgPool, name: &str) -> Result<u64> {
-    let done = sqlx::query("UPDATE api_tokens SET revoked_at = now() WHERE name = $1 AND revoked_at IS NULL")
-        .bind(name)
-        .execute(pool)
-        .await?;
+    let done = sqlx::query(
+        "UPDATE api_tokens SET revoked_at = now() WHERE name = $1 AND revoked_at IS NULL",
+    )
+    .bind(name)
+    .execute(pool)
+    .await?;
     Ok(done.rows_affected())
 }
