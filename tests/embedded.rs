@@ -24,19 +24,30 @@ fn without_database_url_hangar_runs_its_own_cluster_and_keeps_it_between_runs() 
         .args(["token", "create", "--name", "first", "--claim", "admin"])
         .output()
         .expect("run hangar");
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     let token = String::from_utf8_lossy(&first.stdout).trim().to_owned();
     assert!(token.starts_with("hgr_"), "{token}");
     let cluster = data_dir.join("pg/cluster");
     assert!(cluster.join("PG_VERSION").exists());
-    assert!(!cluster.join("postmaster.pid").exists(), "the cluster is stopped on exit");
+    assert!(
+        !cluster.join("postmaster.pid").exists(),
+        "the cluster is stopped on exit"
+    );
 
     // The second run finds the same cluster (the first token is still there: revoking it works).
     let second = hangar(&data_dir)
         .args(["token", "revoke", "--name", "first"])
         .output()
         .expect("run hangar");
-    assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
     assert!(String::from_utf8_lossy(&second.stdout).contains("revoked 1"));
 }
 
@@ -65,11 +76,18 @@ async fn a_schema_behind_is_refused_until_migrated() {
         .env("HANGAR_PREPARE_SCHEMA_IF_NECESSARY", "false")
         .output()
         .expect("run hangar");
-    assert!(migrated.status.success(), "{}", String::from_utf8_lossy(&migrated.stderr));
+    assert!(
+        migrated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
 
     let after = serve("false");
     let message = String::from_utf8_lossy(&after.stderr);
-    assert!(message.contains("job 1 does not exist"), "the schema is accepted now: {message}");
+    assert!(
+        message.contains("job 1 does not exist"),
+        "the schema is accepted now: {message}"
+    );
 }
 
 #[test]
@@ -82,7 +100,10 @@ fn bad_configuration_is_a_clear_error() {
         .expect("run hangar");
     assert!(!output.status.success());
     let message = String::from_utf8_lossy(&output.stderr);
-    assert!(message.contains("worker_count") || message.contains("WORKER_COUNT"), "{message}");
+    assert!(
+        message.contains("worker_count") || message.contains("WORKER_COUNT"),
+        "{message}"
+    );
 
     let output = hangar(dir.path())
         .args(["serve"])

@@ -1,7 +1,21 @@
 //! `hangar bench`: no-op job throughput end to end, and enqueue→start latency, against a
-//! throwaway embedded PostgreSQL.
+//! fresh embedded PostgreSQL cluster (hangar's default database) in a temporary directory.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
 use clap::Args;
+use futures::future::BoxFuture;
+use tokio::sync::Notify;
+
+use hangar::client::Client;
+use hangar::config::Config;
+use hangar::executor::{HandlerRegistry, JobContext, JobHandler};
+use hangar::server::{RunningServer, ServerParts};
+use hangar::state::{JobError, NewJob};
+use hangar::storage;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -9,13 +23,140 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 100_000)]
     pub jobs: usize,
     /// Workers of the server under test.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 1000)]
     pub workers: usize,
     /// Jobs enqueued one at a time for the latency measurement.
     #[arg(long, default_value_t = 2000)]
     pub latency_samples: usize,
+    /// Run the cluster without fsync (as the test suite does) instead of hangar's durable default.
+    #[arg(long)]
+    pub no_fsync: bool,
 }
 
-pub async fn run(_args: BenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not yet")
+/// Notes when each job started.
+#[derive(Clone, Default)]
+struct StartClock {
+    started: Arc<Mutex<HashMap<i64, Instant>>>,
+    notify: Arc<Notify>,
+}
+
+impl JobHandler for StartClock {
+    fn run<'a>(&'a self, ctx: &'a JobContext) -> BoxFuture<'a, Result<(), JobError>> {
+        Box::pin(async move {
+            if let Ok(mut started) = self.started.lock() {
+                started.insert(ctx.job.id, Instant::now());
+            }
+            self.notify.notify_one();
+            Ok(())
+        })
+    }
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new().prefix("hangar-bench-").tempdir()?;
+    let (embedded, url) =
+        hangar::database::start_embedded(&dir.path().join("pg"), args.no_fsync).await?;
+    let config = Config {
+        database_url: Some(url.clone()),
+        data_dir: dir.path().to_owned(),
+        schema_name: "bench".into(),
+        worker_count: args.workers,
+        queues: vec!["default".into()],
+        device_queues: vec![],
+        gpus: Some(vec![]),
+        queue_poll_interval: Duration::from_secs(1),
+        ..Config::default()
+    };
+    let pool = storage::connect(&url, &config, 20).await?;
+    storage::migrate(&pool, &config.schema_name).await?;
+    let client = Client::new(pool.clone(), &config.schema_name);
+    println!(
+        "hangar bench: {} no-op jobs, {} workers, PostgreSQL {} (embedded, {}), {} CPUs",
+        args.jobs,
+        args.workers,
+        sqlx::query_scalar::<_, String>("SHOW server_version")
+            .fetch_one(&pool)
+            .await?,
+        if args.no_fsync {
+            "fsync off"
+        } else {
+            "durable default"
+        },
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+    );
+
+    // Throughput: the burst is in the queue before the server starts; the clock runs from the
+    // server's start until the last job's Succeeded state is committed.
+    let enqueue_started = Instant::now();
+    for chunk_start in (0..args.jobs).step_by(10_000) {
+        let size = 10_000.min(args.jobs - chunk_start);
+        let burst: Vec<NewJob> = (0..size).map(|_| NewJob::new("clock", "default")).collect();
+        client.enqueue_many(&burst).await?;
+    }
+    let enqueue_took = enqueue_started.elapsed();
+    let clock = StartClock::default();
+    let started = Instant::now();
+    let server = start_server(&config, &pool, &clock).await?;
+    loop {
+        let unfinished = storage::jobs::count_unfinished(&pool).await?;
+        if unfinished == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let took = started.elapsed();
+    println!(
+        "throughput: {} jobs enqueued in {:.2}s ({:.0}/s); processed end to end in {:.2}s = {:.0} jobs/s",
+        args.jobs,
+        enqueue_took.as_secs_f64(),
+        args.jobs as f64 / enqueue_took.as_secs_f64(),
+        took.as_secs_f64(),
+        args.jobs as f64 / took.as_secs_f64()
+    );
+
+    // Latency: one job at a time into an idle server, from the enqueue call to the handler.
+    let mut latencies = Vec::with_capacity(args.latency_samples);
+    for _ in 0..args.latency_samples {
+        let before = Instant::now();
+        let id = client.enqueue(&NewJob::new("clock", "default")).await?;
+        let start = loop {
+            let notified = clock.notify.notified();
+            if let Some(start) = clock.started.lock().ok().and_then(|s| s.get(&id).copied()) {
+                break start;
+            }
+            tokio::time::timeout(Duration::from_secs(10), notified)
+                .await
+                .context("a job did not start within 10 s")?;
+        };
+        latencies.push(start.duration_since(before));
+    }
+    latencies.sort();
+    let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
+    println!(
+        "enqueue→start latency over {} jobs: p50 {:.2} ms, p95 {:.2} ms, max {:.2} ms",
+        latencies.len(),
+        ms(percentile(0.50)),
+        ms(percentile(0.95)),
+        ms(*latencies.last().unwrap_or(&Duration::ZERO)),
+    );
+    server.shutdown().await;
+    pool.close().await;
+    drop(embedded);
+    Ok(())
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+async fn start_server(
+    config: &Config,
+    pool: &sqlx::PgPool,
+    clock: &StartClock,
+) -> anyhow::Result<RunningServer> {
+    let mut handlers = HandlerRegistry::default();
+    handlers.register("clock", clock.clone());
+    let mut parts = ServerParts::new(Arc::new(config.clone()), pool.clone(), handlers);
+    parts.maintenance = false;
+    Ok(RunningServer::start(parts).await?)
 }

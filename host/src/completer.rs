@@ -4,6 +4,7 @@
 //! transaction per batch. Outcomes arriving together are written together: under load one
 //! statement ends hundreds of attempts.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +29,7 @@ const MAX_BATCH: usize = 4096;
 #[derive(Debug, Clone)]
 pub struct AppliedState {
     pub job_id: JobId,
+    pub kind: String,
     pub state: JobState,
     /// The failure message when the state ends a failed attempt.
     pub message: Option<String>,
@@ -132,12 +134,14 @@ pub async fn apply_ends(
         wake.extend(resolve_continuations_transitively(&mut tx, finished).await?);
     }
     if !context.observers.is_empty() && !ended.is_empty() {
+        let by_id: HashMap<JobId, &AttemptEnd> = ends.iter().map(|end| (end.id, end)).collect();
         let applied: Vec<AppliedState> = ended
             .iter()
             .filter_map(|e| {
-                let end = ends.iter().find(|end| end.id == e.id)?;
+                let end = by_id.get(&e.id)?;
                 Some(AppliedState {
                     job_id: e.id,
+                    kind: e.kind.clone(),
                     state: JobState::parse(&e.state)?,
                     message: end
                         .failed

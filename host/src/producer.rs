@@ -158,7 +158,7 @@ fn start_worker(context: &ProducerContext, job: FetchedJob, fetched_at: Instant)
     } else {
         None
     };
-    let cancellation = JobCancellation::default();
+    let cancellation = JobCancellation::child_of(&context.jobs_stop);
     context
         .running
         .insert(job.id, job.attempt, cancellation.clone(), fetched_at);
@@ -166,14 +166,6 @@ fn start_worker(context: &ProducerContext, job: FetchedJob, fetched_at: Instant)
     let context = context.clone();
     tokio::spawn(
         async move {
-            let stop_watch = {
-                let cancellation = cancellation.clone();
-                let jobs_stop = context.jobs_stop.clone();
-                tokio::spawn(async move {
-                    jobs_stop.cancelled().await;
-                    cancellation.cancel(executor::CancelReason::Shutdown);
-                })
-            };
             let job_context = JobContext {
                 fence: Fence {
                     job_id: job.id,
@@ -188,7 +180,6 @@ fn start_worker(context: &ProducerContext, job: FetchedJob, fetched_at: Instant)
             };
             let handler = context.handlers.get(&job_context.job.kind);
             let outcome = executor::execute(handler, &job_context).await;
-            stop_watch.abort();
             tracing::debug!(?outcome, "attempt ended");
             let JobContext { job, device, .. } = job_context;
             if outcome == executor::Outcome::Abandoned {

@@ -37,6 +37,15 @@ pub struct JobCancellation {
 }
 
 impl JobCancellation {
+    /// A job's cancellation that also fires when the server's hard stop does (no reason set:
+    /// read as [`CancelReason::Shutdown`]).
+    pub fn child_of(server_stop: &CancellationToken) -> Self {
+        Self {
+            token: server_stop.child_token(),
+            reason: Arc::default(),
+        }
+    }
+
     /// Cancels with `reason`; the first reason given wins.
     pub fn cancel(&self, reason: CancelReason) {
         if let Ok(mut current) = self.reason.lock() {
@@ -46,7 +55,11 @@ impl JobCancellation {
     }
 
     pub fn reason(&self) -> Option<CancelReason> {
-        self.reason.lock().ok().and_then(|reason| *reason)
+        let reason = self.reason.lock().ok().and_then(|reason| *reason);
+        match reason {
+            None if self.token.is_cancelled() => Some(CancelReason::Shutdown),
+            reason => reason,
+        }
     }
 
     pub fn token(&self) -> &CancellationToken {

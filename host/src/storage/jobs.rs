@@ -245,6 +245,7 @@ pub struct AttemptEnd {
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct EndedAttempt {
     pub id: JobId,
+    pub kind: String,
     pub state: String,
     pub queue: String,
 }
@@ -283,13 +284,13 @@ pub async fn end_attempts(
              FROM decided d
              WHERE j.id = d.id AND j.attempt = d.attempt AND j.lease_owner = d.owner
                AND j.state = 'processing' AND (NOT $9 OR j.lease_expires_at < now())
-             RETURNING j.id, j.attempt, j.state, j.queue
+             RETURNING j.id, j.kind, j.attempt, j.state, j.queue
          ), history AS (
              INSERT INTO job_states (job_id, state, attempt, reason, data)
              SELECT a.id, a.state, a.attempt, d.reason, d.data
              FROM applied a JOIN decided d ON d.id = a.id
          )
-         SELECT id, state, queue FROM applied",
+         SELECT id, kind, state, queue FROM applied",
     )
     .bind(&ids)
     .bind(&attempts)
@@ -427,12 +428,18 @@ pub async fn expired_leases(pool: &PgPool, limit: i64) -> Result<Vec<ExpiredJob>
 /// Deletes finished jobs older than the retention, keeping parents of waiting continuations.
 pub async fn expire_finished(pool: &PgPool, retention_ms: i64, limit: i64) -> Result<u64> {
     let done = sqlx::query(
-        "DELETE FROM jobs WHERE id IN (
-             SELECT j.id FROM jobs j
-             WHERE j.finished_at < now() - $1 * interval '1 millisecond'
-               AND NOT EXISTS (SELECT 1 FROM continuations k JOIN jobs c ON c.id = k.child_id
-                               WHERE k.parent_id = j.id AND c.state = 'awaiting')
-             LIMIT $2)",
+        "WITH expired AS (
+             DELETE FROM jobs WHERE id IN (
+                 SELECT j.id FROM jobs j
+                 WHERE j.finished_at < now() - $1 * interval '1 millisecond'
+                   AND NOT EXISTS (SELECT 1 FROM continuations k JOIN jobs c ON c.id = k.child_id
+                                   WHERE k.parent_id = j.id AND c.state = 'awaiting')
+                 LIMIT $2)
+             RETURNING id
+         ), history AS (
+             DELETE FROM job_states WHERE job_id IN (SELECT id FROM expired)
+         )
+         SELECT id FROM expired",
     )
     .bind(retention_ms)
     .bind(limit)
@@ -508,4 +515,15 @@ pub async fn lock_if_held(conn: &mut PgConnection, fence: &crate::state::Fence) 
     .fetch_optional(conn)
     .await?;
     Ok(held.is_some())
+}
+
+/// Jobs not yet ended (enqueued or processing); served by the partial indexes.
+pub async fn count_unfinished(pool: &PgPool) -> Result<i64> {
+    let count = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM jobs WHERE state = 'enqueued')
+              + (SELECT count(*) FROM jobs WHERE state = 'processing')",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(count)
 }
