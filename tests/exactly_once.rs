@@ -11,10 +11,13 @@ use hangar::executor::{HandlerRegistry, JobContext, JobHandler};
 use hangar::state::{JobError, NewJob};
 use support::{wait_for, TestDb};
 
+/// The servers that started each (job, attempt).
+type Starts = HashMap<(i64, i32), Vec<String>>;
+
 /// Counts the starts of each (job, attempt) and which server ran it.
 #[derive(Clone, Default)]
 struct StartRecorder {
-    starts: Arc<Mutex<HashMap<(i64, i32), Vec<String>>>>,
+    starts: Arc<Mutex<Starts>>,
 }
 
 impl JobHandler for StartRecorder {
