@@ -49,8 +49,21 @@ async fn a_real_training_run_then_detection_run_through_hangar() {
     let dir = db.dir.path().to_owned();
     let dataset = dir.join("dataset");
     let scene = dir.join("scene.png");
-    run_python(&python, &["--out", dataset.to_str().expect("utf-8"), "--images", "10", "--seed", "1"]);
-    run_python(&python, &["--big-image", scene.to_str().expect("utf-8"), "--seed", "2"]);
+    run_python(
+        &python,
+        &[
+            "--out",
+            dataset.to_str().expect("utf-8"),
+            "--images",
+            "10",
+            "--seed",
+            "1",
+        ],
+    );
+    run_python(
+        &python,
+        &["--big-image", scene.to_str().expect("utf-8"), "--seed", "2"],
+    );
 
     let config = hangar::config::Config {
         queues: vec!["detection".into()],
@@ -65,9 +78,11 @@ async fn a_real_training_run_then_detection_run_through_hangar() {
     let mut handlers = HandlerRegistry::default();
     hangar::runs::register_handlers(&mut handlers, &config);
     let mut parts = ServerParts::new(Arc::new(config.clone()), db.pool.clone(), handlers);
-    parts.observers.push(Arc::new(hangar::runs::observer::RunStatusFollower {
-        files: hangar::runs::files::RunFiles::new(&config),
-    }));
+    parts
+        .observers
+        .push(Arc::new(hangar::runs::observer::RunStatusFollower {
+            files: hangar::runs::files::RunFiles::new(&config),
+        }));
     let server = RunningServer::start(parts).await.expect("server");
     let service = RunService {
         pool: db.pool.clone(),
@@ -88,29 +103,55 @@ async fn a_real_training_run_then_detection_run_through_hangar() {
         })
         .await
         .expect("create the training run");
-    let trained = wait_for("the training run to end", Duration::from_secs(900), || async {
-        let run = runs::get_training_run(&db.pool, training.id).await.expect("read").expect("run");
-        (run.status == "Success" || run.status == "Error").then_some(run)
-    })
+    let trained = wait_for(
+        "the training run to end",
+        Duration::from_secs(900),
+        || async {
+            let run = runs::get_training_run(&db.pool, training.id)
+                .await
+                .expect("read")
+                .expect("run");
+            (run.status == "Success" || run.status == "Error").then_some(run)
+        },
+    )
     .await;
     let job = db.job(trained.job_id.expect("job")).await;
-    assert_eq!(trained.status, "Success", "{trained:#?}\n{:#?}", job.history);
+    assert_eq!(
+        trained.status, "Success",
+        "{trained:#?}\n{:#?}",
+        job.history
+    );
     assert_eq!(trained.device.as_deref(), Some("cpu"));
     let model = runs::get_model(&db.pool, trained.trained_model_id.expect("a model"))
         .await
         .expect("read")
         .expect("model row");
-    assert_eq!(model.classes, serde_json::json!(["red_square", "blue_disc"]));
-    assert!(Path::new(&model.checkpoint_path).is_file(), "{}", model.checkpoint_path);
-    let work_dir = config.data_dir.join("trainings").join(training.id.to_string());
+    assert_eq!(
+        model.classes,
+        serde_json::json!(["red_square", "blue_disc"])
+    );
+    assert!(
+        Path::new(&model.checkpoint_path).is_file(),
+        "{}",
+        model.checkpoint_path
+    );
+    let work_dir = config
+        .data_dir
+        .join("trainings")
+        .join(training.id.to_string());
     let checkpoints: Vec<_> = std::fs::read_dir(&work_dir)
         .expect("work dir")
         .filter_map(Result::ok)
         .filter(|e| e.file_name().to_string_lossy().ends_with(".pth"))
         .collect();
     assert_eq!(checkpoints.len(), 1, "only the best checkpoint is kept");
-    let training_log = config.data_dir.join("logs").join(format!("succ_{}.txt", training.id));
-    assert!(std::fs::read_to_string(training_log).expect("log").contains("Epoch(train)"));
+    let training_log = config
+        .data_dir
+        .join("logs")
+        .join(format!("succ_{}.txt", training.id));
+    assert!(std::fs::read_to_string(training_log)
+        .expect("log")
+        .contains("Epoch(train)"));
 
     let detection = service
         .create_detection_run(&CreateDetectionRun {
@@ -123,17 +164,37 @@ async fn a_real_training_run_then_detection_run_through_hangar() {
         })
         .await
         .expect("create the detection run");
-    let detected = wait_for("the detection run to end", Duration::from_secs(600), || async {
-        let run = runs::get_detection_run(&db.pool, detection.id).await.expect("read").expect("run");
-        (run.status == "Success" || run.status == "Error").then_some(run)
-    })
+    let detected = wait_for(
+        "the detection run to end",
+        Duration::from_secs(600),
+        || async {
+            let run = runs::get_detection_run(&db.pool, detection.id)
+                .await
+                .expect("read")
+                .expect("run");
+            (run.status == "Success" || run.status == "Error").then_some(run)
+        },
+    )
     .await;
     assert_eq!(detected.status, "Success", "{detected:#?}");
-    let output = config.data_dir.join("detections").join(detection.id.to_string()).join("detection_bboxes.json");
-    let written: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&output).expect("output")).expect("json");
-    assert!(written["metadata"]["tiles"].as_u64().expect("tiles") > 1, "the 1800x1500 scene is tiled");
-    let stored = runs::detections(&db.pool, detection.id).await.expect("detections");
-    assert_eq!(stored.len(), written["detections"].as_array().expect("list").len());
+    let output = config
+        .data_dir
+        .join("detections")
+        .join(detection.id.to_string())
+        .join("detection_bboxes.json");
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&output).expect("output")).expect("json");
+    assert!(
+        written["metadata"]["tiles"].as_u64().expect("tiles") > 1,
+        "the 1800x1500 scene is tiled"
+    );
+    let stored = runs::detections(&db.pool, detection.id)
+        .await
+        .expect("detections");
+    assert_eq!(
+        stored.len(),
+        written["detections"].as_array().expect("list").len()
+    );
     for found in &stored {
         assert!(["red_square", "blue_disc"].contains(&found.class_name.as_deref().unwrap_or("")));
         assert!(found.score >= 0.05 && found.x2 > found.x1 && found.y2 > found.y1);
@@ -154,17 +215,33 @@ async fn a_real_training_run_then_detection_run_through_hangar() {
         })
         .await
         .expect("create");
-    let failed = wait_for("the broken run to end", Duration::from_secs(300), || async {
-        let run = runs::get_detection_run(&db.pool, failing.id).await.expect("read").expect("run");
-        (run.status == "Success" || run.status == "Error").then_some(run)
-    })
+    let failed = wait_for(
+        "the broken run to end",
+        Duration::from_secs(300),
+        || async {
+            let run = runs::get_detection_run(&db.pool, failing.id)
+                .await
+                .expect("read")
+                .expect("run");
+            (run.status == "Success" || run.status == "Error").then_some(run)
+        },
+    )
     .await;
     assert_eq!(failed.status, "Error");
-    let error_file = config.data_dir.join("errors").join(format!("{}_errMsg.txt", failing.id));
+    let error_file = config
+        .data_dir
+        .join("errors")
+        .join(format!("{}_errMsg.txt", failing.id));
     assert!(error_file.is_file());
     let history = db.job(failed.job_id.expect("job")).await.history;
     let entry = history.last().expect("entry");
     assert_eq!(entry.state, "failed");
-    assert!(!entry.data["details"].as_str().unwrap_or_default().is_empty(), "stderr tail recorded");
+    assert!(
+        !entry.data["details"]
+            .as_str()
+            .unwrap_or_default()
+            .is_empty(),
+        "stderr tail recorded"
+    );
     server.shutdown().await;
 }

@@ -336,3 +336,54 @@ async fn bad_jobs_are_refused_with_a_reason() {
         .expect_err("refused");
     assert!(error.to_string().contains("timeout"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_expirer_removes_finished_jobs_past_retention_only() {
+    let db = TestDb::new().await;
+    let client = db.client();
+    let done = client
+        .enqueue(&NewJob::new("noop", "nowhere"))
+        .await
+        .expect("enqueue");
+    client.delete(done).await.expect("finish it");
+    let waiting_parent = client
+        .schedule_after(&NewJob::new("noop", "nowhere"), Duration::from_secs(3600))
+        .await
+        .expect("schedule");
+    let child = client
+        .continue_with(
+            waiting_parent,
+            &NewJob::new("noop", "nowhere"),
+            ContinuationOption::OnAnyFinal,
+        )
+        .await
+        .expect("continue");
+    let config = std::sync::Arc::new(hangar::config::Config {
+        job_retention: Duration::ZERO,
+        ..db.config.clone()
+    });
+    let context = hangar::maintenance::MaintenanceContext {
+        pool: db.pool.clone(),
+        config: config.clone(),
+        apply: hangar::completer::ApplyContext {
+            pool: db.pool.clone(),
+            channel: hangar::storage::jobs_channel(&config.schema_name),
+            observers: std::sync::Arc::new(Vec::new()),
+        },
+        policy: hangar::server::builtin_retry_policy(&config),
+    };
+    let removed = hangar::maintenance::expirer::run_once(&context)
+        .await
+        .expect("expire");
+    assert_eq!(removed, 1);
+    assert!(
+        client.details(done).await.expect("details").is_none(),
+        "the finished job is gone"
+    );
+    assert_eq!(
+        db.state(waiting_parent).await,
+        "scheduled",
+        "unfinished jobs stay"
+    );
+    assert_eq!(db.state(child).await, "awaiting");
+}

@@ -6,10 +6,12 @@
 
 An image larger than --patch-size in either dimension is cut into patch-size tiles that overlap by
 the --overlap fraction (the last tile of a row or column lies flush with the border); smaller
-images run in one pass. Tiles are not resized here (the config's test pipeline decides), boxes
-are shifted to image coordinates, detections below --score-threshold are dropped, and the rest
-are merged by class-wise NMS at --nms-iou (also in one-pass mode, so results do not depend on
-whether an image was tiled). Writes DIR/detection_bboxes.json:
+images run in one pass. Tiles are not resized here (the config's test pipeline decides). Boxes
+are shifted to image coordinates; detections below --score-threshold are dropped, and so are
+boxes at an edge between two tiles that lie within the neighbouring tile (objects cut by the
+edge, which the neighbour sees whole); the rest are merged by class-wise NMS at --nms-iou (also
+in one-pass mode, so results do not depend on whether an image was tiled). Writes
+DIR/detection_bboxes.json:
 
     {"metadata": {"image", "width", "height", "patch_size", "overlap", "tiles", "score_threshold",
                   "nms_iou", "config", "checkpoint", "device", "classes"},
@@ -27,6 +29,8 @@ import traceback
 from pathlib import Path
 
 OUTPUT = "detection_bboxes.json"
+# A box edge this close (pixels) to a tile edge counts as touching it.
+EDGE_MARGIN = 8
 
 
 def parse_args():
@@ -38,7 +42,8 @@ def parse_args():
     parser.add_argument("--score-threshold", type=float, default=0.3)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--patch-size", type=int, default=1280)
-    parser.add_argument("--overlap", type=float, default=0.25, help="fraction of a patch, in [0, 1)")
+    parser.add_argument("--overlap", type=float, default=0.25,
+                        help="fraction of a patch, in [0, 1)")
     parser.add_argument("--nms-iou", type=float, default=0.25)
     args = parser.parse_args()
     if args.patch_size < 32:
@@ -78,11 +83,27 @@ def tile_starts(length, patch, stride):
 
 
 def tiles(width, height, patch, overlap):
-    """(x, y, w, h) of every tile, row by row."""
+    """(x, y, w, h, xs, i, ys, j) of every tile, row by row: xs/ys are the tile offsets along
+    each axis and (i, j) the tile's place in them."""
     stride = max(1, round(patch * (1 - overlap)))
-    return [(x, y, min(patch, width), min(patch, height))
-            for y in tile_starts(height, patch, stride)
-            for x in tile_starts(width, patch, stride)]
+    xs, ys = tile_starts(width, patch, stride), tile_starts(height, patch, stride)
+    return [(x, y, min(patch, width), min(patch, height), xs, i, ys, j)
+            for j, y in enumerate(ys) for i, x in enumerate(xs)]
+
+
+def cut_by_inner_edge(lo, hi, starts, i, size, patch):
+    """Along one axis: which boxes [lo, hi] touch an inner edge of tile i (one shared with a
+    neighbouring tile) while lying within that neighbour's span. Such a box is an object cut by
+    the tile edge, or one right at it, and the neighbour sees the whole object; class-wise NMS
+    alone keeps these fragments, which overlap the whole object's box too little (or carry
+    another class)."""
+    start = starts[i]
+    cut = lo.new_zeros(lo.shape, dtype=bool)
+    if i + 1 < len(starts):  # an edge at the far side of this tile
+        cut |= (hi >= start + size - EDGE_MARGIN) & (lo >= starts[i + 1])
+    if i > 0:  # an edge at the near side
+        cut |= (lo <= start + EDGE_MARGIN) & (hi <= starts[i - 1] + patch)
+    return cut
 
 
 def detect(args):
@@ -99,16 +120,21 @@ def detect(args):
           f"{args.patch_size} px", flush=True)
 
     boxes, scores, labels = [], [], []
-    for i, (x, y, w, h) in enumerate(grid, 1):
+    for n, (x, y, w, h, xs, i, ys, j) in enumerate(grid, 1):
         start = time.monotonic()
         tile = img[y:y + h, x:x + w].copy()  # contiguous, as cv2-based transforms expect
         pred = inference_detector(model, tile).pred_instances.cpu()
-        keep = pred.scores >= args.score_threshold
-        boxes.append(pred.bboxes[keep] + torch.tensor([x, y, x, y], dtype=pred.bboxes.dtype))
+        tile_boxes = pred.bboxes + torch.tensor([x, y, x, y], dtype=pred.bboxes.dtype)
+        x1, y1, x2, y2 = tile_boxes.unbind(1)
+        cut = (cut_by_inner_edge(x1, x2, xs, i, w, args.patch_size)
+               | cut_by_inner_edge(y1, y2, ys, j, h, args.patch_size))
+        keep = (pred.scores >= args.score_threshold) & ~cut
+        boxes.append(tile_boxes[keep])
         scores.append(pred.scores[keep])
         labels.append(pred.labels[keep])
-        print(f"tile {i}/{len(grid)} at ({x}, {y}) {w}x{h}: {int(keep.sum())} detection(s), "
-              f"{time.monotonic() - start:.1f} s", flush=True)
+        print(f"tile {n}/{len(grid)} at ({x}, {y}) {w}x{h}: {int(keep.sum())} detection(s) "
+              f"({int((cut & (pred.scores >= args.score_threshold)).sum())} cut by a tile edge "
+              f"dropped), {time.monotonic() - start:.1f} s", flush=True)
 
     boxes, scores, labels = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
     kept = batched_nms(boxes, scores, labels, args.nms_iou)  # sorted by descending score

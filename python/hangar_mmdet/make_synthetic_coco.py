@@ -63,7 +63,8 @@ def place(rng, width, height, count, taken=(), avoid=lambda box: False):
         if len(placed) == count:
             break
         size = int(rng.integers(MIN_OBJECT, MAX_OBJECT + 1))
-        box = (int(rng.integers(0, width - size + 1)), int(rng.integers(0, height - size + 1)), size)
+        box = (int(rng.integers(0, width - size + 1)), int(rng.integers(0, height - size + 1)),
+               size)
         if not overlaps(box, boxes) and not avoid(box):
             boxes.append(box)
             placed.append(box)
@@ -97,7 +98,8 @@ def make_dataset(out, images, size, seed):
         for image_id in range(1, count + 1):
             file_name = f"img_{start + image_id - 1:04d}.png"
             img = background(rng, size, size)
-            for x, y, s in place(rng, size, size, int(rng.integers(1, 5))):
+            # Two to five objects (as many as fit): more signal per training step.
+            for x, y, s in place(rng, size, size, int(rng.integers(2, 6))):
                 category = int(rng.integers(len(CLASSES)))
                 draw(img, rng, CLASSES[category], x, y, s)
                 coco["annotations"].append({
@@ -116,7 +118,7 @@ def make_big_image(path, width, height, objects, patch_size, seed):
     """Places one object across each interior tile edge (x = patch_size, y = patch_size: the far
     edges of the first tiles, which exist for any overlap) and the others clear of those edges."""
     if max(width, height) <= patch_size:
-        sys.exit(f"error: the image must be larger than --patch-size ({patch_size}) in some dimension")
+        sys.exit(f"error: the image must exceed --patch-size ({patch_size}) in some dimension")
     rng = np.random.default_rng(seed)
     img = background(rng, width, height)
     seams = []
@@ -160,7 +162,7 @@ def main():
     parser.add_argument("--height", type=int, default=1500, help="big image: height")
     parser.add_argument("--objects", type=int, default=6, help="big image: number of objects")
     parser.add_argument("--patch-size", type=int, default=1280,
-                        help="big image: the detection patch size, to put objects across tile edges")
+                        help="big image: detection patch size, to put objects across tile edges")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.out:
