@@ -10,8 +10,8 @@ cd "$repo"
 hangar=${HANGAR_BIN:-$repo/target/debug/hangar}
 python=$repo/.hangar/mmdet-venv/bin/python
 demo=$repo/.hangar/demo
-epochs=${DEMO_EPOCHS:-40}
-images=${DEMO_IMAGES:-32}
+epochs=${DEMO_EPOCHS:-20}
+images=${DEMO_IMAGES:-64}
 
 say() { printf '\n== %s\n' "$*"; }
 json() { "$python" -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
@@ -59,7 +59,7 @@ wait_run() { # kind id -> final run JSON
 }
 
 say "Training RTMDet-tiny on it through hangar ($epochs epochs on ${HANGAR_DEVICE_HINT:-this machine's device})"
-training=$(api POST /v1/training-runs -d "{\"name\": \"demo training\", \"dataset_path\": \"$demo/dataset\", \"epochs\": $epochs, \"frozen_stages\": -1}")
+training=$(api POST /v1/training-runs -d "{\"name\": \"demo training\", \"dataset_path\": \"$demo/dataset\", \"epochs\": $epochs, \"frozen_stages\": 0}")
 training_id=$(json "d['id']" <<<"$training")
 training=$(wait_run training-runs "$training_id")
 if [ "$(json "d['status']" <<<"$training")" != Success ]; then

@@ -82,27 +82,23 @@ def tile_starts(length, patch, stride):
     return list(range(0, length - patch, stride)) + [length - patch]
 
 
-def tiles(width, height, patch, overlap):
-    """(x, y, w, h, xs, i, ys, j) of every tile, row by row: xs/ys are the tile offsets along
-    each axis and (i, j) the tile's place in them."""
+def tile_offsets(width, height, patch, overlap):
+    """Tile offsets along x and along y. Tiles are patch x patch, or as large as the image
+    along an axis where it is not larger than a patch."""
     stride = max(1, round(patch * (1 - overlap)))
-    xs, ys = tile_starts(width, patch, stride), tile_starts(height, patch, stride)
-    return [(x, y, min(patch, width), min(patch, height), xs, i, ys, j)
-            for j, y in enumerate(ys) for i, x in enumerate(xs)]
+    return tile_starts(width, patch, stride), tile_starts(height, patch, stride)
 
 
-def cut_by_inner_edge(lo, hi, starts, i, size, patch):
-    """Along one axis: which boxes [lo, hi] touch an inner edge of tile i (one shared with a
-    neighbouring tile) while lying within that neighbour's span. Such a box is an object cut by
-    the tile edge, or one right at it, and the neighbour sees the whole object; class-wise NMS
-    alone keeps these fragments, which overlap the whole object's box too little (or carry
-    another class)."""
-    start = starts[i]
+def cut_by_inner_edge(lo, hi, starts, i, patch):
+    """Along one axis, the boxes [lo, hi] of tile i that touch an edge it shares with a
+    neighbouring tile while lying within that neighbour's span: objects cut by the edge (or right
+    at it), which the neighbour sees whole. NMS alone would keep such fragments, as they overlap
+    the whole object's box too little, or carry another class."""
     cut = lo.new_zeros(lo.shape, dtype=bool)
-    if i + 1 < len(starts):  # an edge at the far side of this tile
-        cut |= (hi >= start + size - EDGE_MARGIN) & (lo >= starts[i + 1])
-    if i > 0:  # an edge at the near side
-        cut |= (lo <= start + EDGE_MARGIN) & (hi <= starts[i - 1] + patch)
+    if i + 1 < len(starts):  # an edge on the far side
+        cut |= (hi >= starts[i] + patch - EDGE_MARGIN) & (lo >= starts[i + 1])
+    if i > 0:  # an edge on the near side
+        cut |= (lo <= starts[i] + EDGE_MARGIN) & (hi <= starts[i - 1] + patch)
     return cut
 
 
@@ -113,28 +109,35 @@ def detect(args):
 
     img = read_image(args.image)
     height, width = img.shape[:2]
-    model = init_detector(str(args.config), str(args.checkpoint), device=args.device)
+    try:
+        model = init_detector(str(args.config), str(args.checkpoint), device=args.device)
+    except Exception as error:
+        raise RuntimeError(f"cannot load the model from config {args.config} and checkpoint "
+                           f"{args.checkpoint}: {type(error).__name__}: {error}") from error
     classes = list(model.dataset_meta.get("classes", ()))
-    grid = tiles(width, height, args.patch_size, args.overlap)
-    print(f"image {args.image}: {width}x{height}, {len(grid)} tile(s) of up to "
-          f"{args.patch_size} px", flush=True)
+    xs, ys = tile_offsets(width, height, args.patch_size, args.overlap)
+    w, h = min(args.patch_size, width), min(args.patch_size, height)
+    grid = [(i, j) for j in range(len(ys)) for i in range(len(xs))]  # row by row
+    print(f"image {args.image}: {width}x{height}, {len(grid)} tile(s) of {w}x{h}", flush=True)
 
     boxes, scores, labels = [], [], []
-    for n, (x, y, w, h, xs, i, ys, j) in enumerate(grid, 1):
+    for n, (i, j) in enumerate(grid, 1):
         start = time.monotonic()
+        x, y = xs[i], ys[j]
         tile = img[y:y + h, x:x + w].copy()  # contiguous, as cv2-based transforms expect
         pred = inference_detector(model, tile).pred_instances.cpu()
         tile_boxes = pred.bboxes + torch.tensor([x, y, x, y], dtype=pred.bboxes.dtype)
         x1, y1, x2, y2 = tile_boxes.unbind(1)
-        cut = (cut_by_inner_edge(x1, x2, xs, i, w, args.patch_size)
-               | cut_by_inner_edge(y1, y2, ys, j, h, args.patch_size))
-        keep = (pred.scores >= args.score_threshold) & ~cut
+        cut = (cut_by_inner_edge(x1, x2, xs, i, args.patch_size)
+               | cut_by_inner_edge(y1, y2, ys, j, args.patch_size))
+        scored = pred.scores >= args.score_threshold
+        keep = scored & ~cut
         boxes.append(tile_boxes[keep])
         scores.append(pred.scores[keep])
         labels.append(pred.labels[keep])
-        print(f"tile {n}/{len(grid)} at ({x}, {y}) {w}x{h}: {int(keep.sum())} detection(s) "
-              f"({int((cut & (pred.scores >= args.score_threshold)).sum())} cut by a tile edge "
-              f"dropped), {time.monotonic() - start:.1f} s", flush=True)
+        print(f"tile {n}/{len(grid)} at ({x}, {y}): {int(keep.sum())} detection(s), "
+              f"{int((scored & cut).sum())} cut by a tile edge dropped, "
+              f"{time.monotonic() - start:.1f} s", flush=True)
 
     boxes, scores, labels = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
     kept = batched_nms(boxes, scores, labels, args.nms_iou)  # sorted by descending score
