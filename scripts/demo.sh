@@ -2,7 +2,10 @@
 # hangar's demo, as a user would drive it: start hangar on its embedded PostgreSQL, train a
 # tiny RTMDet on a synthetic COCO dataset through the HTTP API, then run a tiled detection on a
 # new image larger than one 1280 px patch, and print what was found.
-# Run through `make demo`, which builds hangar and installs the MMDetection environment first.
+# The job policies are WASI components: the demo pushes and activates the retry policy and the
+# detection cleanup hook (built from plugins/) on the running server, as an operator would.
+# Run through `make demo`, which builds hangar and the plugins and installs the MMDetection
+# environment first.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -57,6 +60,12 @@ wait_run() { # kind id -> final run JSON
     sleep 1
   done
 }
+
+say "Activating the policy plugins (WASI components) on the running server"
+wasm=$repo/plugins/target/wasm32-wasip2/release
+"$hangar" plugin push --slot retry-policy "$wasm/retry_exponential.wasm" --activate --actor demo
+"$hangar" plugin push --slot cleanup-hook/detection "$wasm/detection_cleanup.wasm" --activate --actor demo
+"$hangar" plugin list
 
 say "Training RTMDet-tiny on it through hangar ($epochs epochs on ${HANGAR_DEVICE_HINT:-this machine's device})"
 training=$(api POST /v1/training-runs -d "{\"name\": \"demo training\", \"dataset_path\": \"$demo/dataset\", \"epochs\": $epochs, \"frozen_stages\": 0}")

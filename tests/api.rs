@@ -23,7 +23,7 @@ struct Api {
 impl Api {
     async fn new() -> Api {
         let db = TestDb::new().await;
-        let router = app(AppState::new(db.pool.clone(), &db.config.schema_name));
+        let router = app(AppState::new(db.pool.clone(), &db.config));
         let token = hangar::auth::create_token(&db.pool, "tester", &["admin".into()])
             .await
             .expect("token");

@@ -98,7 +98,7 @@ async fn a_real_training_run_then_detection_run_through_hangar() {
             base_checkpoint: None,
             epochs: Some(2),
             batch_size: Some(2),
-            frozen_stages: Some(-1),
+            frozen_stages: Some(0),
             device: None,
         })
         .await

@@ -370,7 +370,9 @@ async fn the_expirer_removes_finished_jobs_past_retention_only() {
             channel: hangar::storage::jobs_channel(&config.schema_name),
             observers: std::sync::Arc::new(Vec::new()),
         },
-        policy: hangar::server::builtin_retry_policy(&config),
+        policies: hangar::plugins::policies::Policies::builtin_only(
+            hangar::server::builtin_retry_policy(&config),
+        ),
     };
     let removed = hangar::maintenance::expirer::run_once(&context)
         .await

@@ -31,6 +31,64 @@ pub struct BenchArgs {
     /// Run the cluster without fsync (as the test suite does) instead of hangar's durable default.
     #[arg(long)]
     pub no_fsync: bool,
+    /// Instead of the queue: measure the election overhead of this retry-policy component
+    /// (a fresh store per call), e.g. plugins/target/wasm32-wasip2/release/retry_exponential.wasm.
+    #[arg(long)]
+    pub election_plugin: Option<std::path::PathBuf>,
+    /// Calls measured by the election benchmark.
+    #[arg(long, default_value_t = 20_000)]
+    pub election_calls: usize,
+}
+
+/// The election overhead: one retry-policy decision per call, each in a fresh store from the
+/// pre-instantiated component, on one thread.
+fn bench_election(path: &std::path::Path, calls: usize) -> anyhow::Result<()> {
+    use hangar::plugins::adapters::{LoadedPlugin, PolicyJob};
+    let engine =
+        hangar::plugins::engine::process_engine(hangar::plugins::engine::CallLimits::default())?;
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let component = wasmtime::component::Component::new(&engine.engine, &bytes)
+        .map_err(|e| anyhow::anyhow!("{e:#}"))?;
+    let plugin = LoadedPlugin::link(
+        engine,
+        hangar::plugins::PluginKind::RetryPolicy,
+        "bench".into(),
+        &component,
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
+    let parameters = std::collections::BTreeMap::new();
+    let error = JobError::new("SubprocessFailed", "exit status 1").with_details("Traceback ...");
+    let mut timings = Vec::with_capacity(calls);
+    for n in 0..(calls + calls / 10) {
+        let job = PolicyJob {
+            id: n as i64,
+            kind: "detection-run",
+            queue: "detection",
+            attempt: 1 + (n % 4) as i32,
+            failures: 1 + (n % 4) as i32,
+            parameters: &parameters,
+        };
+        let started = Instant::now();
+        plugin
+            .decide(&job, &error)
+            .map_err(|fault| anyhow::anyhow!("the plugin {fault}"))?;
+        let took = started.elapsed();
+        // The first tenth warms caches and the pool.
+        if n >= calls / 10 {
+            timings.push(took);
+        }
+    }
+    timings.sort();
+    let at = |p: f64| timings[((timings.len() - 1) as f64 * p).round() as usize];
+    println!(
+        "election overhead ({}, fresh store per call, {} calls): p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs",
+        path.display(),
+        timings.len(),
+        at(0.50).as_secs_f64() * 1e6,
+        at(0.99).as_secs_f64() * 1e6,
+        timings.last().copied().unwrap_or_default().as_secs_f64() * 1e6,
+    );
+    Ok(())
 }
 
 /// Notes when each job started.
@@ -53,6 +111,10 @@ impl JobHandler for StartClock {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(path) = args.election_plugin.clone() {
+        return tokio::task::spawn_blocking(move || bench_election(&path, args.election_calls))
+            .await?;
+    }
     let dir = tempfile::Builder::new().prefix("hangar-bench-").tempdir()?;
     let (embedded, url) =
         hangar::database::start_embedded(&dir.path().join("pg"), args.no_fsync).await?;

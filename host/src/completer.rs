@@ -4,22 +4,22 @@
 //! transaction per batch. Outcomes arriving together are written together: under load one
 //! statement ends hundreds of attempts.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use futures::future::BoxFuture;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::client::resolve_continuations_transitively;
-use crate::election::{elect_after_failure, FailedJob, RetryPolicy};
 use crate::executor::Outcome;
+use crate::plugins::policies::{AppliedNotice, JobParameters, Policies};
+use crate::plugins::registry::ActiveSet;
 use crate::running::RunningJobs;
 use crate::state::{FetchedJob, JobId, JobState};
-use crate::storage::jobs::{self, AttemptEnd};
+use crate::storage::jobs::{self, AttemptEnd, EndedAttempt};
 use crate::storage::StorageError;
 
 /// The most outcomes written in one statement.
@@ -53,71 +53,124 @@ pub struct ApplyContext {
     pub observers: Arc<Vec<Arc<dyn StateObserver>>>,
 }
 
-/// Builds the write that ends `job`'s attempt with `outcome`; None when nothing is to be
-/// written (the lease was lost: the job is someone else's now).
-pub fn attempt_end(
-    policy: &dyn RetryPolicy,
-    owner: &str,
-    job: &FetchedJob,
-    outcome: &Outcome,
-) -> Option<AttemptEnd> {
-    let end = |state, reason: String, data, scheduled_at, failed| AttemptEnd {
-        id: job.id,
-        attempt: job.attempt,
-        owner: owner.to_owned(),
-        state,
-        reason,
-        data,
-        scheduled_at,
-        failed,
-    };
-    match outcome {
-        Outcome::Succeeded => Some(end(
-            JobState::Succeeded,
-            "completed".into(),
-            serde_json::json!({}),
-            None,
-            false,
-        )),
-        Outcome::Failed(error) => {
-            let elected = elect_after_failure(
-                policy,
-                &FailedJob {
-                    id: job.id,
-                    kind: &job.kind,
-                    queue: &job.queue,
-                    attempt: job.attempt,
-                    failures: job.failures + 1,
-                    error,
-                },
-                Utc::now(),
-            );
-            Some(end(
-                elected.state,
-                elected.reason,
-                elected.data,
-                elected.scheduled_at,
-                true,
-            ))
+/// One attempt to end: who owned it, the job, and how it ended.
+pub struct AttemptOutcome {
+    pub owner: String,
+    pub job: FetchedJob,
+    pub outcome: Outcome,
+}
+
+/// The states elected for a batch of attempts, ready to apply.
+pub struct Election {
+    pub ends: Vec<AttemptEnd>,
+    /// The plugins that took part and the jobs' parameters, to tell the state filters what
+    /// was applied; None when no plugin is active.
+    plugins: Option<(Arc<ActiveSet>, Arc<JobParameters>)>,
+}
+
+impl Election {
+    /// Tells the active state filters which of the elected states were applied (after the
+    /// commit, on a blocking thread: their answers cannot change anything).
+    pub fn tell_filters(
+        &self,
+        policies: &Policies,
+        attempts: &[AttemptOutcome],
+        applied: &[EndedAttempt],
+    ) {
+        let Some((plugins, parameters)) = &self.plugins else {
+            return;
+        };
+        if plugins.state_filters.is_empty() || applied.is_empty() {
+            return;
         }
-        Outcome::Released => Some(end(
-            JobState::Enqueued,
-            "released at shutdown".into(),
-            serde_json::json!({ "server": owner }),
-            None,
-            false,
-        )),
-        Outcome::Abandoned => None,
+        let applied: HashSet<JobId> = applied.iter().map(|a| a.id).collect();
+        let ends: HashMap<JobId, &AttemptEnd> = self.ends.iter().map(|e| (e.id, e)).collect();
+        let notices = attempts
+            .iter()
+            .filter(|a| applied.contains(&a.job.id))
+            .filter_map(|a| {
+                let end = ends.get(&a.job.id)?;
+                Some(AppliedNotice::new(&a.job, end))
+            })
+            .collect();
+        policies.tell_applied(Arc::clone(plugins), Arc::clone(parameters), notices);
     }
 }
 
-/// Applies `ends` in one transaction. Returns how many were applied (the rest no longer
+/// Elects the end of every attempt through the policies. With plugins active, the jobs'
+/// parameters are loaded in one query and the plugin calls run on a blocking thread (they are
+/// synchronous, bounded by their time budget).
+pub async fn elect_ends(
+    policies: &Policies,
+    pool: &PgPool,
+    attempts: Arc<Vec<AttemptOutcome>>,
+) -> Result<Election, StorageError> {
+    let Some(plugins) = policies.active_plugins() else {
+        return Ok(Election {
+            ends: builtin_ends(policies, &attempts),
+            plugins: None,
+        });
+    };
+    let ids: Vec<JobId> = attempts.iter().map(|a| a.job.id).collect();
+    let mut parameters = JobParameters::new();
+    for (id, name, value) in jobs::parameters_of(pool, &ids).await? {
+        parameters.entry(id).or_default().insert(name, value);
+    }
+    let parameters = Arc::new(parameters);
+    let elect = {
+        let (policies, plugins, parameters, attempts) = (
+            policies.clone(),
+            Arc::clone(&plugins),
+            Arc::clone(&parameters),
+            Arc::clone(&attempts),
+        );
+        move || {
+            let none = BTreeMap::new();
+            attempts
+                .iter()
+                .filter_map(|a| {
+                    let job_parameters = parameters.get(&a.job.id).unwrap_or(&none);
+                    policies.attempt_end(
+                        Some(&plugins),
+                        job_parameters,
+                        &a.owner,
+                        &a.job,
+                        &a.outcome,
+                    )
+                })
+                .collect()
+        }
+    };
+    let ends = match tokio::task::spawn_blocking(elect).await {
+        Ok(ends) => ends,
+        Err(panic) => {
+            // A bug in hangar, not in a plugin (their faults are errors, not panics): the jobs
+            // still end, as the built-in policy decides.
+            tracing::error!(%panic, "the plugin election panicked; the built-in policy decides");
+            builtin_ends(policies, &attempts)
+        }
+    };
+    Ok(Election {
+        ends,
+        plugins: Some((plugins, parameters)),
+    })
+}
+
+fn builtin_ends(policies: &Policies, attempts: &[AttemptOutcome]) -> Vec<AttemptEnd> {
+    let none = BTreeMap::new();
+    attempts
+        .iter()
+        .filter_map(|a| policies.attempt_end(None, &none, &a.owner, &a.job, &a.outcome))
+        .collect()
+}
+
+/// Applies `ends` in one transaction. Returns those that were applied (the rest no longer
 /// matched their fence).
 pub async fn apply_ends(
     context: &ApplyContext,
     ends: &[AttemptEnd],
     only_expired: bool,
-) -> Result<usize, StorageError> {
+) -> Result<Vec<EndedAttempt>, StorageError> {
     let mut tx = context.pool.begin().await?;
     let ended = jobs::end_attempts(&mut tx, ends, only_expired).await?;
     let finished: Vec<JobId> = ended
@@ -161,17 +214,12 @@ pub async fn apply_ends(
         jobs::notify_queues(&mut tx, &context.channel, &queues).await?;
     }
     tx.commit().await?;
-    Ok(ended.len())
-}
-
-struct Completion {
-    job: FetchedJob,
-    outcome: Outcome,
+    Ok(ended)
 }
 
 /// The batching completer of one server.
 pub struct Completer {
-    sender: mpsc::UnboundedSender<Completion>,
+    sender: mpsc::UnboundedSender<(FetchedJob, Outcome)>,
     task: JoinHandle<()>,
 }
 
@@ -179,12 +227,12 @@ impl Completer {
     /// `running` is told when an attempt's end is written, so its lease stops being renewed.
     pub fn start(
         context: ApplyContext,
-        policy: Arc<dyn RetryPolicy>,
+        policies: Policies,
         owner: String,
         running: RunningJobs,
     ) -> Self {
         let (sender, receiver) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(context, policy, owner, running, receiver));
+        let task = tokio::spawn(run(context, policies, owner, running, receiver));
         Self { sender, task }
     }
 
@@ -203,12 +251,12 @@ impl Completer {
 
 #[derive(Clone)]
 pub struct CompleterHandle {
-    sender: mpsc::UnboundedSender<Completion>,
+    sender: mpsc::UnboundedSender<(FetchedJob, Outcome)>,
 }
 
 impl CompleterHandle {
     pub fn complete(&self, job: FetchedJob, outcome: Outcome) {
-        if self.sender.send(Completion { job, outcome }).is_err() {
+        if self.sender.send((job, outcome)).is_err() {
             tracing::error!("completer stopped before an outcome was written; the lease will expire and the rescuer will take the job");
         }
     }
@@ -216,56 +264,95 @@ impl CompleterHandle {
 
 async fn run(
     context: ApplyContext,
-    policy: Arc<dyn RetryPolicy>,
+    policies: Policies,
     owner: String,
     running: RunningJobs,
-    mut receiver: mpsc::UnboundedReceiver<Completion>,
+    mut receiver: mpsc::UnboundedReceiver<(FetchedJob, Outcome)>,
 ) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let ends: Vec<AttemptEnd> = batch
-            .iter()
-            .filter_map(|c| {
-                if c.outcome == Outcome::Abandoned {
+    let mut received = Vec::with_capacity(MAX_BATCH);
+    while receiver.recv_many(&mut received, MAX_BATCH).await > 0 {
+        let attempts: Vec<AttemptOutcome> = received
+            .drain(..)
+            .map(|(job, outcome)| {
+                if outcome == Outcome::Abandoned {
                     tracing::warn!(
-                        job_id = c.job.id,
-                        attempt = c.job.attempt,
+                        job_id = job.id,
+                        attempt = job.attempt,
                         "attempt abandoned: lease lost, nothing written"
                     );
                 }
-                attempt_end(policy.as_ref(), &owner, &c.job, &c.outcome)
+                AttemptOutcome {
+                    owner: owner.clone(),
+                    job,
+                    outcome,
+                }
             })
             .collect();
-        // A failed write is retried: these jobs are still ours (the heartbeat renews their
-        // leases) until the write lands or the process ends and the rescuer takes over.
-        let mut delay = Duration::from_millis(50);
-        loop {
-            match apply_ends(&context, &ends, false).await {
-                Ok(applied) => {
-                    if applied < ends.len() {
-                        tracing::warn!(
-                            written = applied,
-                            refused = ends.len() - applied,
-                            "completions refused by their fence (rescued or released meanwhile)"
-                        );
-                    }
-                    break;
-                }
-                Err(error) => {
-                    tracing::error!(%error, batch = ends.len(), retry_in = ?delay, "writing completions failed");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                    if receiver.is_closed() && delay >= Duration::from_secs(5) {
-                        tracing::error!(
-                            batch = ends.len(),
-                            "giving up at shutdown; the rescuer will take these jobs"
-                        );
-                        break;
-                    }
+        let attempts = Arc::new(attempts);
+        complete_batch(&context, &policies, &attempts, &receiver).await;
+        running.remove_all(attempts.iter().map(|a| a.job.id));
+    }
+}
+
+/// Elects and writes one batch. A failed read or write is retried: these jobs are still ours
+/// (the heartbeat renews their leases) until the write lands, or until the process ends and
+/// the rescuer takes over.
+async fn complete_batch(
+    context: &ApplyContext,
+    policies: &Policies,
+    attempts: &Arc<Vec<AttemptOutcome>>,
+    receiver: &mpsc::UnboundedReceiver<(FetchedJob, Outcome)>,
+) {
+    let mut delay = Duration::from_millis(50);
+    let election = loop {
+        match elect_ends(policies, &context.pool, Arc::clone(attempts)).await {
+            Ok(election) => break election,
+            Err(error) => {
+                if !back_off(&mut delay, &error, attempts.len(), receiver).await {
+                    return;
                 }
             }
         }
-        running.remove_all(batch.iter().map(|c| c.job.id));
-        batch.clear();
+    };
+    loop {
+        match apply_ends(context, &election.ends, false).await {
+            Ok(applied) => {
+                if applied.len() < election.ends.len() {
+                    tracing::warn!(
+                        written = applied.len(),
+                        refused = election.ends.len() - applied.len(),
+                        "completions refused by their fence (rescued or released meanwhile)"
+                    );
+                }
+                election.tell_filters(policies, attempts, &applied);
+                return;
+            }
+            Err(error) => {
+                if !back_off(&mut delay, &error, attempts.len(), receiver).await {
+                    return;
+                }
+            }
+        }
     }
+}
+
+/// Waits before the next try (doubling up to 5 s); false when it is time to give up (at
+/// shutdown, with the database still unreachable).
+async fn back_off(
+    delay: &mut Duration,
+    error: &StorageError,
+    batch: usize,
+    receiver: &mpsc::UnboundedReceiver<(FetchedJob, Outcome)>,
+) -> bool {
+    tracing::error!(%error, batch, retry_in = ?*delay, "completing attempts failed");
+    tokio::time::sleep(*delay).await;
+    *delay = (*delay * 2).min(Duration::from_secs(5));
+    if receiver.is_closed() && *delay >= Duration::from_secs(5) {
+        tracing::error!(
+            batch,
+            "giving up at shutdown; the rescuer will take these jobs"
+        );
+        return false;
+    }
+    true
 }

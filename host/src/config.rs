@@ -111,6 +111,18 @@ pub struct Config {
     /// How long finished jobs are kept. Default 7 days.
     #[serde(with = "humantime_serde")]
     pub job_retention: Duration,
+    /// Load policy plugins (WASI components) from the database. Default true.
+    pub plugins_enabled: bool,
+    /// Wall time one plugin call may take before it is interrupted. Default 10ms.
+    #[serde(with = "humantime_serde")]
+    pub plugin_time_budget: Duration,
+    /// Memory one plugin call may use, in bytes. Default 16 MiB.
+    pub plugin_memory_limit: usize,
+    /// Faults in a row after which a plugin's previous version is reactivated. Default 5.
+    pub plugin_fault_limit: u32,
+    /// The order in which state filters run, by name (`state-filter/<name>` → `<name>`);
+    /// active filters not named here run after these, by name. Default empty.
+    pub state_filter_order: Vec<String>,
 }
 
 impl Default for Config {
@@ -146,6 +158,11 @@ impl Default for Config {
             rescuer_interval: Duration::from_secs(5),
             run_reconcile_interval: Duration::from_secs(30),
             job_retention: Duration::from_secs(7 * 24 * 3600),
+            plugins_enabled: true,
+            plugin_time_budget: Duration::from_millis(10),
+            plugin_memory_limit: 16 << 20,
+            plugin_fault_limit: 5,
+            state_filter_order: Vec::new(),
         }
     }
 }
@@ -204,6 +221,15 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// The limits of plugin calls; the pooling allocator is sized to the workers.
+    pub fn plugin_limits(&self) -> crate::plugins::engine::CallLimits {
+        crate::plugins::engine::CallLimits {
+            time_budget: self.plugin_time_budget,
+            memory_bytes: self.plugin_memory_limit,
+            concurrent_calls: u32::try_from(self.worker_count.clamp(4, 256)).unwrap_or(256),
+        }
     }
 
     pub fn logs_dir(&self) -> PathBuf {

@@ -66,9 +66,19 @@ pub struct Elected {
     pub scheduled_at: Option<DateTime<Utc>>,
 }
 
-/// Elects the state after a failed attempt.
+/// Elects the state after a failed attempt, as the built-in `policy` decides.
 pub fn elect_after_failure(
     policy: &dyn RetryPolicy,
+    job: &FailedJob<'_>,
+    now: DateTime<Utc>,
+) -> Elected {
+    elected_from_decision(policy.decide(job), &policy.name(), job, now)
+}
+
+/// The state a retry decision leads to; `decided_by` names who decided, for the history.
+pub fn elected_from_decision(
+    decision: RetryDecision,
+    decided_by: &str,
     job: &FailedJob<'_>,
     now: DateTime<Utc>,
 ) -> Elected {
@@ -77,9 +87,9 @@ pub fn elect_after_failure(
         "exception_type": error.exception_type,
         "message": error.message,
         "details": error.details,
-        "decided_by": policy.name(),
+        "decided_by": decided_by,
     });
-    match policy.decide(job) {
+    match decision {
         RetryDecision::RetryAfter(delay) => {
             let at = now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
             let mut data = failure;

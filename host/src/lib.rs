@@ -18,6 +18,7 @@ pub mod embedded_pg;
 pub mod executor;
 pub mod heartbeat;
 pub mod maintenance;
+pub mod plugins;
 pub mod producer;
 pub mod running;
 pub mod runs;

@@ -21,6 +21,8 @@ use crate::executor::devices::DevicePool;
 use crate::executor::HandlerRegistry;
 use crate::heartbeat;
 use crate::maintenance::{self, MaintenanceContext};
+use crate::plugins::policies::Policies;
+use crate::plugins::registry::PluginRegistry;
 use crate::producer::{self, ProducerContext};
 use crate::running::RunningJobs;
 use crate::storage::{jobs_channel, servers, StorageError};
@@ -33,6 +35,8 @@ pub struct ServerParts {
     pub observers: Vec<Arc<dyn StateObserver>>,
     /// None: the built-in policy from the config.
     pub retry_policy: Option<Arc<dyn RetryPolicy>>,
+    /// The plugin registry (None: built-in policies only). The server keeps it current.
+    pub plugins: Option<Arc<PluginRegistry>>,
     /// Whether this server takes part in the maintenance leader election.
     pub maintenance: bool,
 }
@@ -45,6 +49,7 @@ impl ServerParts {
             handlers,
             observers: Vec::new(),
             retry_policy: None,
+            plugins: None,
             maintenance: true,
         }
     }
@@ -85,6 +90,7 @@ impl RunningServer {
             handlers,
             observers,
             retry_policy,
+            plugins,
             maintenance,
         } = parts;
         let id = new_server_id(&config.server_name);
@@ -96,7 +102,10 @@ impl RunningServer {
             i32::try_from(config.worker_count).unwrap_or(i32::MAX),
         )
         .await?;
-        let policy = retry_policy.unwrap_or_else(|| builtin_retry_policy(&config));
+        let policies = Policies {
+            builtin: retry_policy.unwrap_or_else(|| builtin_retry_policy(&config)),
+            registry: plugins.clone(),
+        };
         let channel = jobs_channel(&config.schema_name);
         let apply = ApplyContext {
             pool: pool.clone(),
@@ -104,12 +113,8 @@ impl RunningServer {
             observers: Arc::new(observers),
         };
         let running = RunningJobs::default();
-        let completer = Completer::start(
-            apply.clone(),
-            Arc::clone(&policy),
-            id.clone(),
-            running.clone(),
-        );
+        let completer =
+            Completer::start(apply.clone(), policies.clone(), id.clone(), running.clone());
         let workers = Arc::new(Semaphore::new(config.worker_count));
         let stop_fetching = CancellationToken::new();
         let stop_background = CancellationToken::new();
@@ -137,12 +142,19 @@ impl RunningServer {
                 stop_background.clone(),
             )),
         ];
+        if let Some(registry) = plugins {
+            // The first load happens before any job is fetched, so no election misses a plugin.
+            if let Err(error) = registry.reload().await {
+                tracing::warn!(%error, "loading plugins failed; retrying in the background");
+            }
+            background.push(tokio::spawn(registry.run_listener(stop_background.clone())));
+        }
         if maintenance {
             let context = MaintenanceContext {
                 pool: pool.clone(),
                 config: Arc::clone(&config),
                 apply,
-                policy,
+                policies,
             };
             background.push(tokio::spawn(maintenance::run_leader_loop(
                 context,

@@ -2,6 +2,7 @@
 //! with `oneshot`. Errors are RFC 9457 problem documents; client errors name the field.
 
 mod jobs;
+mod plugins;
 mod problem;
 mod runs;
 
@@ -10,29 +11,53 @@ use axum::http::request::Parts;
 use axum::Router;
 use sqlx::PgPool;
 
+use std::sync::Arc;
+
 use crate::auth::{self, Caller};
 use crate::client::Client;
+use crate::config::Config;
+use crate::plugins::registry::PluginRegistry;
+use crate::runs::deletion::RunCleanup;
+use crate::runs::files::RunFiles;
 use crate::runs::RunService;
 pub use problem::ApiError;
 
 #[derive(Clone)]
 pub struct AppState {
     pub pool: PgPool,
+    pub schema: String,
     pub client: Client,
     pub runs: RunService,
+    /// The run files and the plugins whose cleanup hooks remove them. Its registry also
+    /// validates uploads; None when plugins are disabled.
+    pub cleanup: RunCleanup,
 }
 
 impl AppState {
-    pub fn new(pool: PgPool, schema: &str) -> Self {
-        let client = Client::new(pool.clone(), schema);
+    pub fn new(pool: PgPool, config: &Config) -> Self {
+        let client = Client::new(pool.clone(), &config.schema_name);
         Self {
             runs: RunService {
                 pool: pool.clone(),
                 client: client.clone(),
             },
             pool,
+            schema: config.schema_name.clone(),
             client,
+            cleanup: RunCleanup {
+                files: RunFiles::new(config),
+                plugins: None,
+            },
         }
+    }
+
+    pub fn with_plugins(mut self, plugins: Arc<PluginRegistry>) -> Self {
+        self.cleanup.plugins = Some(plugins);
+        self
+    }
+
+    pub fn plugins(&self) -> Option<&Arc<PluginRegistry>> {
+        self.cleanup.plugins.as_ref()
     }
 }
 
@@ -40,6 +65,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(runs::routes())
         .merge(jobs::routes())
+        .merge(plugins::routes())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .with_state(state)
 }
@@ -91,6 +117,7 @@ claims! {
     RunsRead => "runs:read",
     RunsWrite => "runs:write",
     JobsRead => "jobs:read",
+    PluginsManage => "plugins:manage",
 }
 
 /// A caller holding claim `C`; extracting it refuses everyone else (401 or 403).

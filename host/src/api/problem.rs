@@ -55,6 +55,7 @@ impl From<RunError> for ApiError {
                 detail: problem,
             },
             RunError::NotFound { .. } => ApiError::NotFound(error.to_string()),
+            RunError::Conflict(detail) => ApiError::Conflict(detail),
             RunError::Storage(e) => e.into(),
         }
     }

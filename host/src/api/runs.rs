@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::problem::{parse_uuid, ApiJson};
 use super::{ApiError, AppState, Authorized, RunsRead, RunsWrite};
+use crate::runs::deletion::{Deleted, RunKind};
 use crate::runs::detection::CreateDetectionRun;
 use crate::runs::training::CreateTrainingRun;
 use crate::storage::runs::{self, Detection, DetectionRunRow, ModelRow, TrainingRunRow};
@@ -18,12 +19,18 @@ pub fn routes() -> Router<AppState> {
             "/v1/detection-runs",
             get(list_detection_runs).post(create_detection_run),
         )
-        .route("/v1/detection-runs/{id}", get(get_detection_run))
+        .route(
+            "/v1/detection-runs/{id}",
+            get(get_detection_run).delete(delete_detection_run),
+        )
         .route(
             "/v1/training-runs",
             get(list_training_runs).post(create_training_run),
         )
-        .route("/v1/training-runs/{id}", get(get_training_run))
+        .route(
+            "/v1/training-runs/{id}",
+            get(get_training_run).delete(delete_training_run),
+        )
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
 }
@@ -169,4 +176,32 @@ async fn get_model(
         .await?
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("model {id} does not exist")))
+}
+
+async fn delete_run(
+    state: &AppState,
+    caller: &str,
+    kind: RunKind,
+    id: &str,
+) -> Result<Json<Deleted>, ApiError> {
+    let id = parse_uuid("id", id)?;
+    let deleted = state.runs.delete_run(&state.cleanup, kind, id).await?;
+    tracing::info!(run = %id, caller, "run deleted over HTTP");
+    Ok(Json(deleted))
+}
+
+async fn delete_detection_run(
+    State(state): State<AppState>,
+    Authorized(caller, _): Authorized<RunsWrite>,
+    Path(id): Path<String>,
+) -> Result<Json<Deleted>, ApiError> {
+    delete_run(&state, &caller.name, RunKind::Detection, &id).await
+}
+
+async fn delete_training_run(
+    State(state): State<AppState>,
+    Authorized(caller, _): Authorized<RunsWrite>,
+    Path(id): Path<String>,
+) -> Result<Json<Deleted>, ApiError> {
+    delete_run(&state, &caller.name, RunKind::Training, &id).await
 }

@@ -57,8 +57,52 @@ enum Command {
         #[command(subcommand)]
         command: JobCommand,
     },
+    /// Manage policy plugins (WASI components) while the cluster runs.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
     /// Measure no-op job throughput and enqueue→start latency on a throwaway embedded database.
     Bench(hangar_bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Upload a component as the next version of a slot (validated first).
+    Push {
+        /// retry-policy, state-filter/<name> or cleanup-hook/<name>.
+        #[arg(long)]
+        slot: String,
+        /// The component (.wasm built for wasm32-wasip2).
+        file: PathBuf,
+        /// Activate it right away.
+        #[arg(long)]
+        activate: bool,
+        /// Who uploads it (recorded).
+        #[arg(long, default_value = "cli")]
+        actor: String,
+    },
+    /// Make a version the active one on every server.
+    Activate {
+        #[arg(long)]
+        slot: String,
+        #[arg(long)]
+        version: i32,
+        #[arg(long, default_value = "cli")]
+        actor: String,
+    },
+    /// Reactivate the version that was active before the current one.
+    Rollback {
+        #[arg(long)]
+        slot: String,
+        #[arg(long, default_value = "cli")]
+        actor: String,
+    },
+    /// List versions (the active ones marked) and, for one slot, its events.
+    List {
+        #[arg(long)]
+        slot: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -193,8 +237,75 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Plugin { command } => plugin_command(&config, command).await,
         Command::Bench(_) => unreachable!("handled above"),
     }
+}
+
+async fn plugin_command(config: &Config, command: PluginCommand) -> anyhow::Result<()> {
+    use hangar::plugins::catalog;
+    let db = database::open(config, 2).await?;
+    let schema = &config.schema_name;
+    match command {
+        PluginCommand::Push {
+            slot,
+            file,
+            activate,
+            actor,
+        } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let engine = hangar::plugins::engine::process_engine(config.plugin_limits())?;
+            let pushed = catalog::push(&db.pool, &engine, &slot, bytes, &actor).await?;
+            let what = if pushed.new {
+                "uploaded as"
+            } else {
+                "already uploaded as"
+            };
+            println!(
+                "{} {what} version {} (sha256 {})",
+                pushed.slot, pushed.version, pushed.sha256
+            );
+            if activate {
+                catalog::activate(&db.pool, schema, &slot, pushed.version, &actor).await?;
+                println!("{} version {} is active", pushed.slot, pushed.version);
+            }
+        }
+        PluginCommand::Activate {
+            slot,
+            version,
+            actor,
+        } => {
+            catalog::activate(&db.pool, schema, &slot, version, &actor).await?;
+            println!("{slot} version {version} is active");
+        }
+        PluginCommand::Rollback { slot, actor } => {
+            let version = catalog::rollback(&db.pool, schema, &slot, &actor).await?;
+            println!("{slot} rolled back to version {version}");
+        }
+        PluginCommand::List { slot } => {
+            for v in hangar::storage::plugins::versions(&db.pool, slot.as_deref()).await? {
+                let mark = if v.active { "*" } else { " " };
+                println!(
+                    "{mark} {}@{} sha256 {} {} bytes, by {} at {}",
+                    v.slot, v.version, v.sha256, v.size, v.uploaded_by, v.uploaded_at
+                );
+            }
+            if let Some(slot) = slot {
+                for e in hangar::storage::plugins::events(&db.pool, &slot).await? {
+                    let version = e.version.map_or_else(|| "-".to_owned(), |v| v.to_string());
+                    println!(
+                        "  {} {} v{version} by {} {}",
+                        e.created_at,
+                        e.event,
+                        e.actor,
+                        e.reason.unwrap_or_default()
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn install_mmdet(config: &Config) -> anyhow::Result<()> {
@@ -233,6 +344,12 @@ async fn serve(config: Arc<Config>, no_http: bool) -> anyhow::Result<()> {
         db.pool.clone(),
         standard_handlers(&config),
     );
+    let mut app_state = AppState::new(db.pool.clone(), &config);
+    if config.plugins_enabled {
+        let registry = hangar::plugins::registry::for_config(&config, db.pool.clone())?;
+        app_state = app_state.with_plugins(Arc::clone(&registry));
+        parts.plugins = Some(registry);
+    }
     parts.observers.push(Arc::new(RunStatusFollower {
         files: RunFiles::new(&config),
     }));
@@ -249,7 +366,7 @@ async fn serve(config: Arc<Config>, no_http: bool) -> anyhow::Result<()> {
             "hangar listening on http://{address} (server {})",
             server.id()
         );
-        let app = api::app(AppState::new(db.pool.clone(), &config.schema_name));
+        let app = api::app(app_state);
         let stop = shutdown.clone();
         Some(tokio::spawn(async move {
             axum::serve(listener, app)

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::completer::ApplyContext;
 use crate::config::Config;
-use crate::election::RetryPolicy;
+use crate::plugins::policies::Policies;
 use crate::storage::servers;
 
 /// What every maintenance service works with.
@@ -25,7 +25,7 @@ pub struct MaintenanceContext {
     pub pool: PgPool,
     pub config: Arc<Config>,
     pub apply: ApplyContext,
-    pub policy: Arc<dyn RetryPolicy>,
+    pub policies: Policies,
 }
 
 /// How often a follower retries to become the leader.

@@ -3,10 +3,12 @@
 //! the write is fenced on (job, attempt, owner, lease expired), so the old owner's late
 //! completion is refused and a second rescuer finds nothing to do.
 
+use std::sync::Arc;
+
 use chrono::Utc;
 
 use super::MaintenanceContext;
-use crate::completer::{apply_ends, attempt_end};
+use crate::completer::{apply_ends, elect_ends, AttemptOutcome};
 use crate::executor::Outcome;
 use crate::state::{FetchedJob, JobError};
 use crate::storage::{jobs, servers, StorageError};
@@ -15,9 +17,9 @@ const BATCH: i64 = 1000;
 
 pub async fn run_once(context: &MaintenanceContext) -> Result<usize, StorageError> {
     let expired = jobs::expired_leases(&context.pool, BATCH).await?;
-    let ends: Vec<_> = expired
+    let attempts: Vec<AttemptOutcome> = expired
         .iter()
-        .filter_map(|job| {
+        .map(|job| {
             let error = JobError::new(
                 "LeaseExpired",
                 format!(
@@ -25,20 +27,26 @@ pub async fn run_once(context: &MaintenanceContext) -> Result<usize, StorageErro
                     job.lease_owner, job.attempt
                 ),
             );
-            let fetched = FetchedJob {
-                id: job.id,
-                kind: job.kind.clone(),
-                args: serde_json::Value::Null,
-                queue: job.queue.clone(),
-                attempt: job.attempt,
-                failures: job.failures,
-                timeout_ms: None,
-                created_at: Utc::now(),
-            };
-            attempt_end(context.policy.as_ref(), &job.lease_owner, &fetched, &Outcome::Failed(error))
+            AttemptOutcome {
+                owner: job.lease_owner.clone(),
+                job: FetchedJob {
+                    id: job.id,
+                    kind: job.kind.clone(),
+                    args: serde_json::Value::Null,
+                    queue: job.queue.clone(),
+                    attempt: job.attempt,
+                    failures: job.failures,
+                    timeout_ms: None,
+                    created_at: Utc::now(),
+                },
+                outcome: Outcome::Failed(error),
+            }
         })
         .collect();
-    let rescued = apply_ends(&context.apply, &ends, true).await?;
+    let attempts = Arc::new(attempts);
+    let election = elect_ends(&context.policies, &context.pool, Arc::clone(&attempts)).await?;
+    let rescued = apply_ends(&context.apply, &election.ends, true).await?;
+    election.tell_filters(&context.policies, &attempts, &rescued);
     for job in &expired {
         tracing::warn!(job_id = job.id, attempt = job.attempt, owner = %job.lease_owner, "rescued a job whose lease expired");
     }
@@ -49,5 +57,5 @@ pub async fn run_once(context: &MaintenanceContext) -> Result<usize, StorageErro
         i64::try_from(dead_after.as_millis()).unwrap_or(i64::MAX),
     )
     .await?;
-    Ok(rescued)
+    Ok(rescued.len())
 }

@@ -26,6 +26,10 @@ impl RunFiles {
         }
     }
 
+    pub fn at(root: PathBuf) -> Self {
+        Self { root }
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }

@@ -1,6 +1,8 @@
 //! The MMDetection workload: detection and training runs, each carried by a job on the
 //! `detection` queue (a device queue: one run per GPU, or per CPU slot).
 
+pub mod cleanup;
+pub mod deletion;
 pub mod detection;
 pub mod files;
 pub mod observer;
@@ -36,6 +38,9 @@ pub enum RunError {
     },
     #[error("{what} {id} does not exist")]
     NotFound { what: &'static str, id: Uuid },
+    /// The run is not in a state that allows the request.
+    #[error("{0}")]
+    Conflict(String),
     #[error(transparent)]
     Storage(#[from] StorageError),
 }

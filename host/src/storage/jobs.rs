@@ -527,3 +527,13 @@ pub async fn count_unfinished(pool: &PgPool) -> Result<i64> {
     .await?;
     Ok(count)
 }
+
+/// The parameters of many jobs at once: (job, name, value).
+pub async fn parameters_of(pool: &PgPool, ids: &[JobId]) -> Result<Vec<(JobId, String, String)>> {
+    let rows =
+        sqlx::query_as("SELECT job_id, name, value FROM job_parameters WHERE job_id = ANY($1)")
+            .bind(ids)
+            .fetch_all(pool)
+            .await?;
+    Ok(rows)
+}

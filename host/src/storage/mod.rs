@@ -2,6 +2,7 @@
 //! no SQL lives anywhere else. Database errors are translated here, once.
 
 pub mod jobs;
+pub mod plugins;
 pub mod runs;
 pub mod servers;
 pub mod tokens;
@@ -137,4 +138,9 @@ pub async fn set_local_statement_timeout(
     conn.execute(format!("SET LOCAL statement_timeout = {budget_ms}").as_str())
         .await?;
     Ok(())
+}
+
+/// The channel that tells servers the active plugins changed.
+pub fn plugins_channel(schema: &str) -> String {
+    format!("hangar_{schema}_plugins")
 }

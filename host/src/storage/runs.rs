@@ -402,3 +402,70 @@ pub async fn reconcile(pool: &PgPool) -> Result<Vec<RunStatusChange>> {
     .await?;
     Ok(changes)
 }
+
+/// A run's status and job, locked for the transaction that deletes it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct LockedRun {
+    pub status: String,
+    pub job_id: Option<JobId>,
+    /// The model a training run produced (None for detection runs).
+    pub trained_model_id: Option<Uuid>,
+}
+
+pub async fn lock_detection_run(conn: &mut PgConnection, id: Uuid) -> Result<Option<LockedRun>> {
+    Ok(sqlx::query_as(
+        "SELECT status, job_id, NULL::uuid AS trained_model_id FROM detection_runs
+         WHERE id = $1 FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(conn)
+    .await?)
+}
+
+pub async fn lock_training_run(conn: &mut PgConnection, id: Uuid) -> Result<Option<LockedRun>> {
+    Ok(sqlx::query_as(
+        "SELECT status, job_id, trained_model_id FROM training_runs WHERE id = $1 FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// How many detection runs use `model` (locking the model row, so none is created meanwhile).
+pub async fn detection_runs_using_model(conn: &mut PgConnection, model: Uuid) -> Result<i64> {
+    sqlx::query("SELECT 1 FROM models WHERE id = $1 FOR UPDATE")
+        .bind(model)
+        .execute(&mut *conn)
+        .await?;
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM detection_runs WHERE model_id = $1")
+            .bind(model)
+            .fetch_one(conn)
+            .await?,
+    )
+}
+
+/// Deletes a detection run row (its detections go with it).
+pub async fn delete_detection_run(conn: &mut PgConnection, id: Uuid) -> Result<bool> {
+    let done = sqlx::query("DELETE FROM detection_runs WHERE id = $1")
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Deletes a training run row and the model it produced, if any.
+pub async fn delete_training_run(conn: &mut PgConnection, id: Uuid) -> Result<bool> {
+    let deleted: Option<Option<Uuid>> =
+        sqlx::query_scalar("DELETE FROM training_runs WHERE id = $1 RETURNING trained_model_id")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if let Some(Some(model)) = deleted {
+        sqlx::query("DELETE FROM models WHERE id = $1")
+            .bind(model)
+            .execute(conn)
+            .await?;
+    }
+    Ok(deleted.is_some())
+}

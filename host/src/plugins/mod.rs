@@ -1,0 +1,115 @@
+//! Policies as WASI components: retry policies, state filters and cleanup hooks that operators
+//! swap while everything runs.
+//!
+//! [`engine`] holds the process's wasmtime engine; [`bindings`] the generated code of the WIT
+//! worlds in `wit/`; [`adapters`] typed calls, each in a fresh [`sandbox`] store; [`registry`]
+//! the active version of every slot, swapped atomically when PostgreSQL says it changed;
+//! [`catalog`] uploads (validated), activations and rollbacks; [`policies`] the election
+//! pipeline that uses them, falling back to the built-in policy on any fault.
+
+pub mod adapters;
+mod bindings;
+pub mod catalog;
+pub mod engine;
+pub mod policies;
+pub mod registry;
+pub mod sandbox;
+
+/// The three worlds a plugin can implement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PluginKind {
+    RetryPolicy,
+    StateFilter,
+    CleanupHook,
+}
+
+impl PluginKind {
+    pub fn world(self) -> &'static str {
+        match self {
+            PluginKind::RetryPolicy => "hangar:policy/retry-policy-plugin@0.1.0",
+            PluginKind::StateFilter => "hangar:policy/state-filter-plugin@0.1.0",
+            PluginKind::CleanupHook => "hangar:policy/cleanup-hook-plugin@0.1.0",
+        }
+    }
+
+    /// The kind a slot name stands for: `retry-policy`, `state-filter/<name>` or
+    /// `cleanup-hook/<name>` (names: lowercase letters, digits, `-`).
+    pub fn of_slot(slot: &str) -> Result<Self, PluginError> {
+        let valid_name = |name: &str| {
+            !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        };
+        match slot.split_once('/') {
+            None if slot == "retry-policy" => Ok(PluginKind::RetryPolicy),
+            Some(("state-filter", name)) if valid_name(name) => Ok(PluginKind::StateFilter),
+            Some(("cleanup-hook", name)) if valid_name(name) => Ok(PluginKind::CleanupHook),
+            _ => Err(PluginError::Invalid(format!(
+                "unknown slot {slot:?}: use retry-policy, state-filter/<name> or cleanup-hook/<name> \
+                 (names of lowercase letters, digits and -)"
+            ))),
+        }
+    }
+}
+
+/// Why a plugin call did not produce a usable answer. The built-in policy decides instead.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PluginFault {
+    #[error("ran past its time budget")]
+    Timeout,
+    #[error("ran out of memory")]
+    OutOfMemory,
+    #[error("trapped: {0}")]
+    Trap(String),
+    #[error("answered something illegal: {0}")]
+    Illegal(String),
+    #[error("could not be set up: {0}")]
+    Setup(String),
+}
+
+impl PluginFault {
+    pub fn from_error(error: wasmtime::Error) -> Self {
+        if let Some(trap) = error.downcast_ref::<wasmtime::Trap>() {
+            if *trap == wasmtime::Trap::Interrupt {
+                return PluginFault::Timeout;
+            }
+        }
+        let text = format!("{error:#}");
+        if text.contains("memory")
+            && (text.contains("grow") || text.contains("limit") || text.contains("allocat"))
+        {
+            return PluginFault::OutOfMemory;
+        }
+        PluginFault::Trap(text)
+    }
+
+    /// A short label for metrics and logs.
+    pub fn class(&self) -> &'static str {
+        match self {
+            PluginFault::Timeout => "timeout",
+            PluginFault::OutOfMemory => "memory",
+            PluginFault::Trap(_) => "trap",
+            PluginFault::Illegal(_) => "illegal",
+            PluginFault::Setup(_) => "setup",
+        }
+    }
+}
+
+/// Why an upload, activation or rollback was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
+}
+
+impl From<sqlx::Error> for PluginError {
+    fn from(error: sqlx::Error) -> Self {
+        PluginError::Storage(error.into())
+    }
+}

@@ -1,0 +1,146 @@
+//! `retry-exponential`: hangar's built-in retry policy, as a plugin.
+//!
+//! After a failed attempt, the job is retried up to `max` times; the n-th retry waits
+//! `unit * 2^(n-1)` milliseconds. With the defaults (`max` = 3, `unit` = 1 minute):
+//!
+//! | failures | decision              |
+//! |----------|-----------------------|
+//! | 1        | retry after 1 minute  |
+//! | 2        | retry after 2 minutes |
+//! | 3        | retry after 4 minutes |
+//! | ≥ 4      | fail                  |
+//!
+//! An operator can change the limits per job through its parameters:
+//!
+//! - `retry.max`: the number of retries (a non-negative integer; 0 = never retry);
+//! - `retry.unit-ms`: the delay before the first retry, in milliseconds (default 60000).
+//!
+//! A parameter that is not a valid number is logged (warn) and ignored. The decision is logged
+//! at debug.
+
+// Generates the Rust side of the `retry-policy-plugin` world: the imports (`host`, `types`) as
+// plain functions and types, and the `Guest` trait for the export (`retry-policy`).
+wit_bindgen::generate!({
+    world: "retry-policy-plugin",
+    path: "../../wit",
+});
+
+use exports::hangar::policy::retry_policy::{Decision, Guest};
+use hangar::policy::host::{self, Level};
+use hangar::policy::types::{Job, JobError};
+
+/// Retries when `retry.max` is absent.
+const DEFAULT_MAX_RETRIES: u32 = 3;
+/// The first retry's delay when `retry.unit-ms` is absent: one minute.
+const DEFAULT_UNIT_MS: u64 = 60_000;
+/// No retry waits longer than this (a week), whatever the parameters say.
+const MAX_DELAY_MS: u64 = 7 * 24 * 60 * 60 * 1000;
+
+struct RetryExponential;
+
+impl Guest for RetryExponential {
+    fn decide(job: Job, error: JobError) -> Decision {
+        let max = parameter("retry.max", DEFAULT_MAX_RETRIES);
+        let unit_ms = parameter("retry.unit-ms", DEFAULT_UNIT_MS);
+
+        let decision = policy(job.failures, max, unit_ms);
+
+        let outcome = match decision {
+            Decision::RetryAfter(ms) => format!("retry {}/{max} after {ms} ms", job.failures),
+            Decision::Fail => format!("fail (no retry left, max {max})"),
+            Decision::Delete => "delete".to_string(),
+        };
+        host::log(
+            Level::Debug,
+            &format!(
+                "job {} ({}) failed ({}: {}), failure {}: {outcome}",
+                job.id, job.kind, error.exception_type, error.message, job.failures
+            ),
+        );
+        decision
+    }
+}
+
+/// The policy itself: after the `failures`-th failure, retry (the `failures`-th retry) if at
+/// most `max` retries are used up by then, else fail.
+fn policy(failures: i32, max: u32, unit_ms: u64) -> Decision {
+    // `failures` counts the attempt that just failed, so the n-th failure asks for the n-th
+    // retry. (It is at least 1 when hangar calls; anything lower is treated as 1.)
+    let retry = u32::try_from(failures).unwrap_or(0).max(1);
+    if retry > max {
+        Decision::Fail
+    } else {
+        Decision::RetryAfter(delay_ms(unit_ms, retry))
+    }
+}
+
+/// `unit_ms * 2^(retry-1)`, capped at [`MAX_DELAY_MS`].
+fn delay_ms(unit_ms: u64, retry: u32) -> u64 {
+    2u64.checked_pow(retry - 1)
+        .and_then(|factor| unit_ms.checked_mul(factor))
+        .map_or(MAX_DELAY_MS, |ms| ms.min(MAX_DELAY_MS))
+}
+
+/// The job parameter `name` parsed as `T`, or `default` when the job has no such parameter or
+/// its value does not parse (logged as a warning).
+fn parameter<T: std::str::FromStr>(name: &str, default: T) -> T {
+    let Some(raw) = host::get_parameter(name) else {
+        return default;
+    };
+    match raw.trim().parse() {
+        Ok(value) => value,
+        Err(_) => {
+            host::log(
+                Level::Warn,
+                &format!("ignoring job parameter {name}={raw:?}: not a non-negative integer"),
+            );
+            default
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn after(ms: u64) -> Option<u64> {
+        Some(ms)
+    }
+
+    fn delay(d: Decision) -> Option<u64> {
+        match d {
+            Decision::RetryAfter(ms) => Some(ms),
+            Decision::Fail | Decision::Delete => None,
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_seed() {
+        let d = |f| delay(policy(f, DEFAULT_MAX_RETRIES, DEFAULT_UNIT_MS));
+        assert_eq!(d(1), after(60_000));
+        assert_eq!(d(2), after(120_000));
+        assert_eq!(d(3), after(240_000));
+        assert_eq!(d(4), None);
+        assert_eq!(d(100), None);
+        assert_eq!(d(0), after(60_000));
+        assert_eq!(d(-5), after(60_000));
+    }
+
+    #[test]
+    fn parameters_change_the_limits() {
+        assert_eq!(delay(policy(1, 0, 1000)), None);
+        assert_eq!(delay(policy(5, 5, 1000)), after(16_000));
+        assert_eq!(delay(policy(6, 5, 1000)), None);
+        assert_eq!(delay(policy(1, 3, 0)), after(0));
+    }
+
+    #[test]
+    fn huge_delays_are_capped() {
+        assert_eq!(delay(policy(64, u32::MAX, 1)), after(MAX_DELAY_MS));
+        assert_eq!(delay(policy(1000, u32::MAX, 60_000)), after(MAX_DELAY_MS));
+        assert_eq!(delay(policy(2, 3, u64::MAX)), after(MAX_DELAY_MS));
+    }
+}
+
+// Registers `RetryExponential` as the implementation of the world's export.
+export!(RetryExponential);
