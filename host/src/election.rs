@@ -94,6 +94,8 @@ pub fn elected_from_decision(
             let at = now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
             let mut data = failure;
             data["scheduled_at"] = serde_json::json!(at);
+            data["delay_ms"] =
+                serde_json::json!(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
             data["retry"] = serde_json::json!(job.failures);
             Elected {
                 state: JobState::Scheduled,

@@ -162,8 +162,10 @@ impl Policies {
                         now + chrono::Duration::from_std(answer.delay.unwrap_or_default())
                             .unwrap_or_default()
                     });
-                    if let Some(at) = elected.scheduled_at {
+                    if let (Some(at), Some(delay)) = (elected.scheduled_at, answer.delay) {
                         elected.data["scheduled_at"] = serde_json::json!(at);
+                        elected.data["delay_ms"] =
+                            serde_json::json!(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
                     }
                     elected.data["filtered_by"] =
                         serde_json::json!(format!("plugin:{}", filter.label));
