@@ -2,110 +2,10 @@
 
 mod support;
 
-use std::time::Duration;
+use axum::http::StatusCode;
+use serde_json::json;
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
-use http_body_util::BodyExt;
-use serde_json::{json, Value};
-use tower::ServiceExt;
-
-use hangar::api::{app, AppState};
-use hangar::storage::runs::{self, NewModel};
-use support::{wait_for, TestDb};
-
-struct Api {
-    db: TestDb,
-    router: axum::Router,
-    token: String,
-}
-
-impl Api {
-    async fn new() -> Api {
-        let db = TestDb::new().await;
-        let router = app(AppState::new(db.pool.clone(), &db.config));
-        let token = hangar::auth::create_token(&db.pool, "tester", &["admin".into()])
-            .await
-            .expect("token");
-        Api { db, router, token }
-    }
-
-    async fn call(
-        &self,
-        method: &str,
-        uri: &str,
-        token: Option<&str>,
-        body: Option<&str>,
-    ) -> (StatusCode, Value) {
-        let mut request = Request::builder().method(method).uri(uri);
-        if let Some(token) = token {
-            request = request.header("authorization", format!("Bearer {token}"));
-        }
-        if body.is_some() {
-            request = request.header("content-type", "application/json");
-        }
-        let request = request
-            .body(Body::from(body.unwrap_or("").to_owned()))
-            .expect("request");
-        let response = self
-            .router
-            .clone()
-            .oneshot(request)
-            .await
-            .expect("response");
-        let status = response.status();
-        let is_problem = response
-            .headers()
-            .get("content-type")
-            .is_some_and(|v| v.to_str().unwrap_or("") == "application/problem+json");
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes();
-        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        if status.is_client_error() {
-            assert!(is_problem, "{status} must be a problem document: {value}");
-            assert_eq!(value["status"], status.as_u16());
-        }
-        (status, value)
-    }
-
-    async fn post(&self, uri: &str, body: &str) -> (StatusCode, Value) {
-        self.call("POST", uri, Some(&self.token.clone()), Some(body))
-            .await
-    }
-
-    async fn get(&self, uri: &str) -> (StatusCode, Value) {
-        self.call("GET", uri, Some(&self.token.clone()), None).await
-    }
-
-    async fn model(&self) -> uuid::Uuid {
-        let id = uuid::Uuid::now_v7();
-        let mut conn = self.db.pool.acquire().await.expect("conn");
-        runs::insert_model(
-            &mut conn,
-            &NewModel {
-                id,
-                name: "tiny",
-                config_path: "/nonexistent/config.py",
-                checkpoint_path: "/nonexistent/epoch_1.pth",
-                classes: &json!(["red_square", "blue_disc"]),
-                training_run_id: None,
-            },
-        )
-        .await
-        .expect("model");
-        id
-    }
-
-    fn image(&self) -> String {
-        let path = self.db.dir.path().join("image.png");
-        std::fs::write(&path, b"not really a png").expect("image");
-        path.display().to_string()
-    }
-}
+use support::http::Api;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_needs_a_valid_token_with_the_right_claim() {
@@ -269,40 +169,18 @@ async fn a_run_whose_job_fails_early_ends_in_error_with_its_error_file() {
     let run_id = run["id"].as_str().expect("id").to_owned();
     let job_id = run["job_id"].as_i64().expect("job");
 
-    let config = hangar::config::Config {
-        queues: vec!["detection".into()],
-        device_queues: vec!["detection".into()],
-        max_retries: 1,
-        mmdet_python: Some(api.db.dir.path().join("no-venv/bin/python")),
-        ..api.db.config.clone()
-    };
-    let mut parts = hangar::server::ServerParts::new(
-        std::sync::Arc::new(config.clone()),
-        api.db.pool.clone(),
-        {
-            let mut handlers = hangar::executor::HandlerRegistry::default();
-            hangar::runs::register_handlers(&mut handlers, &config);
-            handlers
-        },
-    );
-    parts.observers.push(std::sync::Arc::new(
-        hangar::runs::observer::RunStatusFollower {
-            files: hangar::runs::files::RunFiles::new(&config),
-        },
-    ));
-    let server = hangar::server::RunningServer::start(parts)
-        .await
-        .expect("server");
-
-    let finished = wait_for("the run to end", Duration::from_secs(30), || async {
-        let (_, run) = api.get(&format!("/v1/detection-runs/{run_id}")).await;
-        (run["status"] != "Waiting" && run["status"] != "Processing").then_some(run)
-    })
-    .await;
+    let server = api
+        .run_server(api.db.dir.path().join("no-venv/bin/python"))
+        .await;
+    let finished = api
+        .wait_until_ended(&format!("/v1/detection-runs/{run_id}"))
+        .await;
     assert_eq!(finished["status"], "Error", "{finished}");
     let message = finished["error_message"].as_str().expect("message");
     assert!(message.contains("hangar mmdet install"), "{message}");
-    let error_file = config
+    let error_file = api
+        .db
+        .config
         .data_dir
         .join("errors")
         .join(format!("{run_id}_errMsg.txt"));

@@ -1,6 +1,6 @@
-//! Policies as WASI components: the seed's retry schedule decided by a plugin, hot swaps under
-//! load, a second server picking up an activation, rollback, and malicious components
-//! contained while the host keeps serving.
+//! Policies as WASI components in the election pipeline: the seed's retry schedule decided by
+//! a plugin, state filters, hot swaps under load, a second server picking up an activation,
+//! rollback, and a plugin that faults at run time overruled and then rolled back.
 
 mod support;
 
@@ -8,108 +8,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
-use hangar::executor::{HandlerRegistry, JobContext, JobHandler};
-use hangar::plugins::adapters::{CleanupRun, LoadedPlugin};
-use hangar::plugins::registry::PluginRegistry;
-use hangar::plugins::sandbox::Preopen;
-use hangar::plugins::{catalog, PluginError, PluginKind};
-use hangar::server::{RunningServer, ServerParts};
-use hangar::state::{JobError, NewJob};
-use support::{plugin_wasm, wait_for, wait_for_state, TestDb};
+use hangar::plugins::catalog;
+use hangar::state::NewJob;
+use support::plugins::plugin_wasm;
+use support::plugins::{activate, enqueue_with, push, registry, server_with_plugins, wait_active};
+use support::{wait_for, wait_for_state, TestDb};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// Fails its first attempt, succeeds afterwards.
-struct FailOnce;
-
-impl JobHandler for FailOnce {
-    fn run<'a>(&'a self, ctx: &'a JobContext) -> BoxFuture<'a, Result<(), JobError>> {
-        Box::pin(async move {
-            if ctx.job.attempt == 1 {
-                Err(JobError::new("FirstTry", "the first attempt always fails"))
-            } else {
-                Ok(())
-            }
-        })
-    }
-}
-
-/// Always fails.
-struct AlwaysFail;
-
-impl JobHandler for AlwaysFail {
-    fn run<'a>(&'a self, _ctx: &'a JobContext) -> BoxFuture<'a, Result<(), JobError>> {
-        Box::pin(async { Err(JobError::new("Broken", "this job always fails")) })
-    }
-}
-
-fn handlers() -> HandlerRegistry {
-    let mut handlers = HandlerRegistry::default();
-    handlers.register("fail-once", FailOnce);
-    handlers.register("always-fail", AlwaysFail);
-    handlers
-}
-
-fn registry(db: &TestDb, config: &hangar::config::Config) -> Arc<PluginRegistry> {
-    hangar::plugins::registry::for_config(config, db.pool.clone()).expect("plugin engine")
-}
-
-async fn server_with_plugins(
-    db: &TestDb,
-    config: hangar::config::Config,
-    plugins: Arc<PluginRegistry>,
-) -> RunningServer {
-    let mut parts = ServerParts::new(Arc::new(config), db.pool.clone(), handlers());
-    parts.plugins = Some(plugins);
-    RunningServer::start(parts).await.expect("server")
-}
-
-async fn push(db: &TestDb, registry: &PluginRegistry, slot: &str, plugin: &str) -> i32 {
-    let bytes = std::fs::read(plugin_wasm(plugin)).expect("component");
-    catalog::push(&db.pool, &registry.engine, slot, bytes, "test")
-        .await
-        .expect("push")
-        .version
-}
-
-/// Enqueues a job of `kind` with `parameters`, in one transaction (so no attempt can start
-/// before the parameters are there).
-async fn enqueue_with(db: &TestDb, kind: &str, parameters: &[(&str, &str)]) -> i64 {
-    let client = db.client();
-    let mut tx = db.pool.begin().await.expect("begin");
-    let id = client
-        .enqueue_in(&mut tx, &NewJob::new(kind, "default"))
-        .await
-        .expect("enqueue");
-    for (name, value) in parameters {
-        client
-            .set_parameter_in(&mut tx, id, name, value)
-            .await
-            .expect("parameter");
-    }
-    tx.commit().await.expect("commit");
-    id
-}
-
-async fn activate(db: &TestDb, slot: &str, version: i32) {
-    catalog::activate(&db.pool, &db.config.schema_name, slot, version, "test")
-        .await
-        .expect("activate");
-}
-
-async fn wait_active(registry: &PluginRegistry, expected: &str) {
-    wait_for(
-        &format!("{expected} to be active"),
-        Duration::from_secs(5),
-        || async {
-            let snapshot = registry.snapshot();
-            let label = snapshot.retry_policy.as_ref().map(|p| p.label.clone());
-            label.is_some_and(|l| l.starts_with(expected)).then_some(())
-        },
-    )
-    .await;
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_retry_schedule_is_decided_by_the_wasm_plugin() {
@@ -285,54 +190,6 @@ async fn a_second_server_picks_up_an_activation_and_rollback_restores_the_previo
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malicious_or_broken_uploads_are_refused_with_a_reason() {
-    let db = TestDb::new().await;
-    let plugins = registry(&db, &db.config);
-    let engine = &plugins.engine;
-    let refuse = |slot: &'static str, bytes: Vec<u8>| {
-        let pool = db.pool.clone();
-        let engine = Arc::clone(engine);
-        async move {
-            match catalog::push(&pool, &engine, slot, bytes, "attacker").await {
-                Err(PluginError::Invalid(reason)) => reason,
-                other => panic!("expected a refusal, got {other:?}"),
-            }
-        }
-    };
-    let read = |name| std::fs::read(plugin_wasm(name)).expect("component");
-    let reason = refuse("retry-policy", read("test-loop-forever")).await;
-    assert!(reason.contains("time budget"), "{reason}");
-    let reason = refuse("retry-policy", read("test-memory-bomb")).await;
-    assert!(
-        reason.contains("memory") || reason.contains("trapped"),
-        "{reason}"
-    );
-    let reason = refuse("retry-policy", read("delete-failing-jobs")).await;
-    assert!(
-        reason.contains("does not implement"),
-        "wrong world: {reason}"
-    );
-    let reason = refuse("state-filter/bad", read("test-bad-answer")).await;
-    assert!(reason.contains("illegal"), "{reason}");
-    let random: Vec<u8> = (0..4096u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
-    let reason = refuse("retry-policy", random).await;
-    assert!(reason.contains("not a WebAssembly component"), "{reason}");
-    let reason = refuse("retry-policy", vec![0; catalog::MAX_PLUGIN_BYTES + 1]).await;
-    assert!(reason.contains("at most"), "{reason}");
-    let reason = refuse("no-such-slot", read("retry-exponential")).await;
-    assert!(reason.contains("unknown slot"), "{reason}");
-    assert!(
-        hangar::storage::plugins::versions(&db.pool, None)
-            .await
-            .expect("versions")
-            .is_empty(),
-        "nothing was stored"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_that_faults_at_run_time_is_overruled_and_then_rolled_back() {
     let db = TestDb::new().await;
     let config = hangar::config::Config {
@@ -405,106 +262,95 @@ async fn a_plugin_that_faults_at_run_time_is_overruled_and_then_rolled_back() {
     server.shutdown().await;
 }
 
-fn cleanup_plugin(db: &TestDb, name: &str) -> LoadedPlugin {
-    let engine =
-        hangar::plugins::engine::process_engine(db.config.plugin_limits()).expect("engine");
-    let bytes = std::fs::read(plugin_wasm(name)).expect("component");
-    let component = wasmtime::component::Component::new(&engine.engine, bytes).expect("compile");
-    LoadedPlugin::link(engine, PluginKind::CleanupHook, name.into(), &component).expect("link")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cleanup_removes_exactly_the_runs_files() {
+async fn state_filters_run_in_the_configured_order_and_hear_what_was_applied() {
     let db = TestDb::new().await;
-    let root = db.dir.path().join("data");
-    let run = "0190a1b2-0000-7000-8000-000000000001";
-    let other = "0190a1b2-0000-7000-8000-000000000002";
-    for id in [run, other] {
-        std::fs::create_dir_all(root.join(format!("detections/{id}/vis"))).expect("dirs");
-        std::fs::write(
-            root.join(format!("detections/{id}/detection_bboxes.json")),
-            "{}",
-        )
-        .expect("file");
-        std::fs::write(root.join(format!("detections/{id}/vis/a.jpg")), "x").expect("file");
-        std::fs::create_dir_all(root.join("logs")).expect("dir");
-        std::fs::write(root.join(format!("logs/succ_{id}.txt")), "out").expect("file");
-        std::fs::write(root.join(format!("logs/error_{id}.txt")), "err").expect("file");
-        std::fs::create_dir_all(root.join("errors")).expect("dir");
-        std::fs::write(root.join(format!("errors/{id}_errMsg.txt")), "boom").expect("file");
-    }
-    let plugin = cleanup_plugin(&db, "detection-cleanup");
-    let cleanup = CleanupRun {
-        id: run.into(),
-        kind: "detection".into(),
-        status: "Error".into(),
-        files: vec![
-            format!("errors/{run}_errMsg.txt"),
-            format!("logs/succ_{run}.txt"),
-            format!("logs/error_{run}.txt"),
-            format!("detections/{run}"),
-            "../outside".into(),
-            "/etc/passwd".into(),
+    let config = hangar::config::Config {
+        state_filter_order: vec!["delete-failing".into()],
+        ..db.config.clone()
+    };
+    let plugins = registry(&db, &config);
+    let retry = push(&db, &plugins, "retry-policy", "retry-exponential").await;
+    activate(&db, "retry-policy", retry).await;
+    let filter = push(
+        &db,
+        &plugins,
+        "state-filter/delete-failing",
+        "delete-failing-jobs",
+    )
+    .await;
+    activate(&db, "state-filter/delete-failing", filter).await;
+    // A filter that answers something illegal never passes validation; stored behind
+    // hangar's back, it is overruled on every call.
+    let bad = std::fs::read(plugin_wasm("test-bad-answer")).expect("component");
+    let mut conn = db.pool.acquire().await.expect("conn");
+    let bad = hangar::storage::plugins::insert(&mut conn, "state-filter/a-bad", "0bad", &bad, "x")
+        .await
+        .expect("insert");
+    drop(conn);
+    activate(&db, "state-filter/a-bad", bad).await;
+    let server = server_with_plugins(&db, config.clone(), Arc::clone(&plugins)).await;
+    let order = wait_for("both filters", Duration::from_secs(5), || async {
+        let labels: Vec<String> = plugins
+            .snapshot()
+            .state_filters
+            .iter()
+            .map(|f| f.label.clone())
+            .collect();
+        (labels.len() == 2).then_some(labels)
+    })
+    .await;
+    assert!(
+        order[0].starts_with("state-filter/delete-failing@"),
+        "{order:?}"
+    );
+    assert!(order[1].starts_with("state-filter/a-bad@"), "{order:?}");
+
+    // One retry, then the retry policy gives up; the filter deletes the job instead.
+    let id = enqueue_with(
+        &db,
+        "always-fail",
+        &[
+            ("retry.max", "1"),
+            ("retry.unit-ms", "10"),
+            ("filter.max-failures", "2"),
         ],
-    };
-    let preopen = Preopen {
-        host: root.clone(),
-        guest: ".".into(),
-    };
-    let report = tokio::task::spawn_blocking(move || plugin.cleanup(&cleanup, &[preopen]))
-        .await
-        .expect("thread")
-        .expect("cleanup");
-    assert_eq!(report.removed.len(), 4, "{report:?}");
-    assert_eq!(
-        report.failed.len(),
-        2,
-        "the escapes are refused: {report:?}"
+    )
+    .await;
+    wait_for_state(&db, id, "deleted", WAIT).await;
+    let history = db.job(id).await.history;
+    let last = history.last().expect("entry");
+    assert!(
+        last.reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("deleted by delete-failing-jobs"),
+        "{last:?}"
     );
-    assert!(!root.join(format!("detections/{run}")).exists());
-    assert!(!root.join(format!("logs/succ_{run}.txt")).exists());
-    assert!(!root.join(format!("errors/{run}_errMsg.txt")).exists());
-    for path in [
-        format!("detections/{other}/vis/a.jpg"),
-        format!("logs/succ_{other}.txt"),
-        format!("logs/error_{other}.txt"),
-        format!("errors/{other}_errMsg.txt"),
-    ] {
-        assert!(root.join(&path).exists(), "{path} belongs to another run");
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cleanup_hook_cannot_reach_outside_its_directories() {
-    let db = TestDb::new().await;
-    let outside = db.dir.path().join("outside");
-    std::fs::create_dir_all(&outside).expect("dir");
-    std::fs::write(outside.join("victim.txt"), "keep me").expect("file");
-    std::fs::write(db.dir.path().join("outside.txt"), "keep me too").expect("file");
-    let run_dir = db.dir.path().join("run");
-    std::fs::create_dir_all(&run_dir).expect("dir");
-    std::os::unix::fs::symlink(&outside, run_dir.join("link")).expect("symlink");
-    let plugin = cleanup_plugin(&db, "test-escape-fs");
-    let run = CleanupRun {
-        id: "x".into(),
-        kind: "detection".into(),
-        status: "Success".into(),
-        files: vec!["link".into()],
-    };
-    let preopen = Preopen {
-        host: run_dir.clone(),
-        guest: ".".into(),
-    };
-    let report = tokio::task::spawn_blocking(move || plugin.cleanup(&run, &[preopen]))
-        .await
-        .expect("thread");
-    println!("escape attempt: {report:?}");
-    assert_eq!(
-        std::fs::read_to_string(outside.join("victim.txt")).expect("victim"),
-        "keep me"
+    assert!(last.data["filtered_by"]
+        .as_str()
+        .unwrap_or_default()
+        .starts_with("plugin:state-filter/delete-failing@"));
+    assert!(
+        last.data["filter_faults"][0]
+            .as_str()
+            .unwrap_or_default()
+            .contains("may not turn deleted into processing"),
+        "{last:?}"
     );
+    // Two states were applied (the retry, the deletion): each filter elected twice and was
+    // told twice.
+    let filter_label = order[0].clone();
+    wait_for("the filter to hear both states", WAIT, || async {
+        let calls = plugins.stats().get(&filter_label).map_or(0, |s| s.calls);
+        (calls == 4).then_some(())
+    })
+    .await;
+    let bad_stats = plugins.stats().get(&order[1]).cloned().expect("stats");
+    assert_eq!((bad_stats.calls, bad_stats.faults), (4, 2), "{bad_stats:?}");
     assert_eq!(
-        std::fs::read_to_string(db.dir.path().join("outside.txt")).expect("outside"),
-        "keep me too"
+        bad_stats.consecutive_faults, 2,
+        "notifications do not vouch for answers"
     );
+    server.shutdown().await;
 }

@@ -232,6 +232,11 @@ impl Config {
         }
     }
 
+    /// Compiled plugin components, by sha256 and the engine's compatibility hash.
+    pub fn plugin_cache_dir(&self) -> PathBuf {
+        self.data_dir.join("plugin-cache")
+    }
+
     pub fn logs_dir(&self) -> PathBuf {
         self.data_dir.join("logs")
     }

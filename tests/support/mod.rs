@@ -3,6 +3,9 @@
 //! real `hangar` subprocesses, and waits on state — never on fixed sleeps.
 #![allow(dead_code)]
 
+pub mod http;
+pub mod plugins;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -261,29 +264,4 @@ pub fn command_handlers() -> HandlerRegistry {
     handlers.register("command", hangar::executor::command::CommandHandler);
     handlers.register("noop", hangar::executor::NoopHandler);
     handlers
-}
-
-static PLUGINS_BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-
-/// The path of a plugin component, building the `plugins/` workspace (once per test binary)
-/// for `wasm32-wasip2`.
-pub fn plugin_wasm(crate_name: &str) -> PathBuf {
-    let dir = PLUGINS_BUILT
-        .get_or_init(|| {
-            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins");
-            let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .args(["build", "--release", "--target", "wasm32-wasip2", "--manifest-path"])
-                .arg(root.join("Cargo.toml"))
-                .env_remove("RUSTFLAGS")
-                .env_remove("CARGO_TARGET_DIR")
-                .status()
-                .map_err(|e| format!("cannot run cargo: {e}"))?;
-            if !status.success() {
-                return Err("building plugins/ for wasm32-wasip2 failed (is the target installed? `rustup target add wasm32-wasip2`)".into());
-            }
-            Ok(root.join("target/wasm32-wasip2/release"))
-        })
-        .clone()
-        .expect("plugins built");
-    dir.join(format!("{}.wasm", crate_name.replace('-', "_")))
 }

@@ -2,7 +2,8 @@
 //! bytes), activate one, roll back, list versions and events.
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -29,6 +30,26 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/plugins/{kind}/rollback", post(rollback_unnamed))
         .route("/v1/plugins/{kind}/{name}", get(show_named))
         .route("/v1/plugins/{kind}", get(show_unnamed))
+        // Room for the largest component hangar accepts (and a little more, so the catalog
+        // says what the limit is rather than the transport).
+        .layer(DefaultBodyLimit::max(catalog::MAX_PLUGIN_BYTES + 1024))
+}
+
+/// The bytes of an upload; a body over the limit is a 413 problem that says the limit.
+fn upload(body: Result<Bytes, BytesRejection>) -> Result<Vec<u8>, ApiError> {
+    match body {
+        Ok(bytes) => Ok(bytes.to_vec()),
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            Err(ApiError::TooLarge(format!(
+                "plugins may be at most {} bytes",
+                catalog::MAX_PLUGIN_BYTES
+            )))
+        }
+        Err(rejection) => Err(ApiError::BadRequest {
+            field: Some("body".into()),
+            detail: rejection.body_text(),
+        }),
+    }
 }
 
 impl From<PluginError> for ApiError {
@@ -75,13 +96,27 @@ async fn push(
     state: &AppState,
     actor: &str,
     slot: &str,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let registry = state.plugins().ok_or_else(|| {
         ApiError::Conflict("plugins are disabled on this server (plugins_enabled = false)".into())
     })?;
-    let pushed = catalog::push(&state.pool, &registry.engine, slot, body.to_vec(), actor).await?;
-    Ok((StatusCode::CREATED, Json(json!(pushed))))
+    let bytes = upload(body)?;
+    let pushed = catalog::push(
+        &state.pool,
+        &registry.engine,
+        registry.cache_dir(),
+        slot,
+        bytes,
+        actor,
+    )
+    .await?;
+    let status = if pushed.new {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(json!(pushed))))
 }
 
 fn parse_version(version: &str) -> Result<i32, ApiError> {
@@ -111,7 +146,7 @@ async fn push_named(
     State(state): State<AppState>,
     Authorized(caller, _): Authorized<PluginsManage>,
     Path((kind, name)): Path<(String, String)>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     push(&state, &caller.name, &slot(&kind, Some(&name)), body).await
 }
@@ -120,7 +155,7 @@ async fn push_unnamed(
     State(state): State<AppState>,
     Authorized(caller, _): Authorized<PluginsManage>,
     Path(kind): Path<String>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     push(&state, &caller.name, &slot(&kind, None), body).await
 }

@@ -28,6 +28,8 @@ pub enum ApiError {
     Forbidden(&'static str),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    TooLarge(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -90,6 +92,7 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "Unauthorized", None),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "Forbidden", None),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "Conflict", None),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "Payload too large", None),
             ApiError::Internal(detail) => {
                 // Logged inside the request's span; the client gets a generic body.
                 tracing::error!(error = %detail, "request failed");

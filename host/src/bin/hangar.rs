@@ -256,7 +256,15 @@ async fn plugin_command(config: &Config, command: PluginCommand) -> anyhow::Resu
             let bytes =
                 std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let engine = hangar::plugins::engine::process_engine(config.plugin_limits())?;
-            let pushed = catalog::push(&db.pool, &engine, &slot, bytes, &actor).await?;
+            let pushed = catalog::push(
+                &db.pool,
+                &engine,
+                &config.plugin_cache_dir(),
+                &slot,
+                bytes,
+                &actor,
+            )
+            .await?;
             let what = if pushed.new {
                 "uploaded as"
             } else {

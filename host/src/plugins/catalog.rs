@@ -3,15 +3,15 @@
 //! activation is one transaction plus a NOTIFY, after which every server swaps it in.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
-use wasmtime::component::Component;
 
 use super::adapters::{CleanupRun, FilterState, LoadedPlugin, PolicyJob};
 use super::engine::PluginEngine;
-use super::registry::label;
+use super::registry::{label, load, LoadError};
 use super::sandbox::Preopen;
 use super::{PluginError, PluginKind};
 use crate::state::{JobError, JobState};
@@ -29,9 +29,11 @@ pub struct Pushed {
     pub new: bool,
 }
 
-/// Validates `bytes` for `slot` (compile, world, smoke call) without storing anything.
+/// Validates `bytes` for `slot` (compile, world, smoke call) without storing anything; the
+/// compiled artefact lands in `cache_dir`, so the servers sharing it need not compile again.
 pub async fn validate(
     engine: &Arc<PluginEngine>,
+    cache_dir: &Path,
     slot: &str,
     bytes: Vec<u8>,
 ) -> Result<String, PluginError> {
@@ -47,18 +49,22 @@ pub async fn validate(
     }
     let sha256 = hex::encode(Sha256::digest(&bytes));
     let engine = Arc::clone(engine);
-    let slot = slot.to_owned();
+    let cache_dir = cache_dir.to_owned();
+    let label = label(slot, 0, &sha256);
     let checked_sha = sha256.clone();
     tokio::task::spawn_blocking(move || {
-        let component = Component::new(&engine.engine, &bytes).map_err(|e| {
-            PluginError::Invalid(format!(
-                "not a WebAssembly component hangar can compile (build it with `cargo build --target wasm32-wasip2`): {e:#}"
-            ))
+        let plugin = load(engine, kind, label, &checked_sha, &bytes, &cache_dir).map_err(|e| match e {
+            LoadError::Compile(e) => PluginError::Invalid(format!(
+                "not a WebAssembly component hangar can compile (build it with `cargo build --target wasm32-wasip2`): {e}"
+            )),
+            LoadError::Link(e) => PluginError::Invalid(format!(
+                "it does not implement {} (or imports more than hangar offers): {e}",
+                kind.world()
+            )),
         })?;
-        let plugin = LoadedPlugin::link(engine, kind, label(&slot, 0, &checked_sha), &component).map_err(|e| {
-            PluginError::Invalid(format!("it does not implement {} (or imports more than hangar offers): {e}", kind.world()))
-        })?;
-        smoke_call(&plugin).map_err(|fault| PluginError::Invalid(format!("the smoke call with canned inputs failed: it {fault}")))
+        smoke_call(&plugin).map_err(|fault| {
+            PluginError::Invalid(format!("the smoke call with canned inputs failed: it {fault}"))
+        })
     })
     .await
     .map_err(|e| PluginError::Invalid(format!("validation panicked: {e}")))??;
@@ -114,11 +120,12 @@ fn smoke_call(plugin: &LoadedPlugin) -> Result<(), super::PluginFault> {
 pub async fn push(
     pool: &PgPool,
     engine: &Arc<PluginEngine>,
+    cache_dir: &Path,
     slot: &str,
     bytes: Vec<u8>,
     actor: &str,
 ) -> Result<Pushed, PluginError> {
-    let sha256 = validate(engine, slot, bytes.clone()).await?;
+    let sha256 = validate(engine, cache_dir, slot, bytes.clone()).await?;
     let mut conn = pool.acquire().await?;
     // The same component pushed again (a script run twice) is the version it already is.
     if let Some(version) = plugins::version_with_sha256(&mut conn, slot, &sha256).await? {

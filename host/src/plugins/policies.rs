@@ -114,7 +114,7 @@ impl Policies {
                     Some(plugin) => {
                         let policy_job = policy_job(job, job.failures + 1, parameters);
                         let answer = plugin.decide(&policy_job, error);
-                        self.record(plugin, answer.as_ref().err());
+                        self.record(plugin, true, answer.as_ref().err());
                         match answer {
                             Ok(decision) => (decision, format!("plugin:{}", plugin.label)),
                             Err(fault) => (
@@ -153,7 +153,7 @@ impl Policies {
                 delay: elected.scheduled_at.and_then(|at| (at - now).to_std().ok()),
             };
             let answer = filter.elect(job, &candidate);
-            self.record(filter, answer.as_ref().err());
+            self.record(filter, true, answer.as_ref().err());
             match answer {
                 Ok(answer) if answer != candidate => {
                     elected.state = answer.state;
@@ -172,8 +172,11 @@ impl Policies {
                 }
                 Ok(_) => {}
                 Err(fault) => {
-                    elected.data["filter_faults"] =
-                        serde_json::json!(format!("plugin {} {fault}", filter.label));
+                    let note = serde_json::json!(format!("plugin {} {fault}", filter.label));
+                    match elected.data["filter_faults"].as_array_mut() {
+                        Some(faults) => faults.push(note),
+                        None => elected.data["filter_faults"] = serde_json::json!([note]),
+                    }
                 }
             }
         }
@@ -205,15 +208,20 @@ impl Policies {
                 };
                 for filter in &plugins.state_filters {
                     let told = filter.applied(&job, &notice.state);
-                    policies.record(filter, told.as_ref().err());
+                    policies.record(filter, false, told.as_ref().err());
                 }
             }
         });
     }
 
-    fn record(&self, plugin: &super::adapters::LoadedPlugin, fault: Option<&super::PluginFault>) {
+    fn record(
+        &self,
+        plugin: &super::adapters::LoadedPlugin,
+        decisive: bool,
+        fault: Option<&super::PluginFault>,
+    ) {
         if let Some(registry) = &self.registry {
-            registry.record(plugin, fault);
+            registry.record(plugin, decisive, fault);
         }
     }
 }

@@ -108,6 +108,11 @@ impl PluginRegistry {
         (place, name.to_owned())
     }
 
+    /// Where compiled components are cached.
+    pub fn cache_dir(&self) -> &std::path::Path {
+        &self.cache_dir
+    }
+
     /// How the calls of every plugin called on this server went, by label.
     pub fn stats(&self) -> BTreeMap<String, PluginStats> {
         self.stats
@@ -198,14 +203,18 @@ impl PluginRegistry {
     }
 
     /// Records how a call went; after `fault_limit` faults in a row the slot is rolled back.
-    pub fn record(&self, plugin: &LoadedPlugin, fault: Option<&PluginFault>) {
+    /// Only a sound answer (`decisive`: a decision, an election, a cleanup) ends a run of
+    /// faults; a notification that went well does not vouch for the plugin's answers.
+    pub fn record(&self, plugin: &LoadedPlugin, decisive: bool, fault: Option<&PluginFault>) {
         let Ok(mut stats) = self.stats.lock() else {
             return;
         };
         let entry = stats.entry(plugin.label.clone()).or_default();
         entry.calls += 1;
         let Some(fault) = fault else {
-            entry.consecutive_faults = 0;
+            if decisive {
+                entry.consecutive_faults = 0;
+            }
             return;
         };
         self.total_faults
@@ -274,6 +283,15 @@ impl PluginRegistry {
     }
 }
 
+/// Why a component could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{0}")]
+    Compile(String),
+    #[error("{0}")]
+    Link(String),
+}
+
 /// Compiles (or takes from the cache) and links one plugin.
 pub fn load(
     engine: Arc<PluginEngine>,
@@ -282,29 +300,33 @@ pub fn load(
     sha256: &str,
     bytes: &[u8],
     cache_dir: &std::path::Path,
-) -> Result<LoadedPlugin, String> {
+) -> Result<LoadedPlugin, LoadError> {
     let cached = cache_dir.join(format!("{sha256}-{}.cwasm", engine.compatibility));
-    let component = if cached.is_file() {
+    let from_cache = cached.is_file().then(|| {
         // SAFETY: the file was written by `precompile_component` of an engine with the same
-        // compatibility hash, in hangar's own cache directory.
+        // compatibility hash, in hangar's own cache directory (renamed into place whole).
         unsafe { Component::deserialize_file(&engine.engine, &cached) }
-            .map_err(|e| format!("{e:#}"))?
-    } else {
-        let compiled = engine
-            .engine
-            .precompile_component(bytes)
-            .map_err(|e| format!("{e:#}"))?;
-        if std::fs::create_dir_all(cache_dir).is_ok() {
-            let partial = cached.with_extension("partial");
-            if std::fs::write(&partial, &compiled).is_ok() {
-                let _ = std::fs::rename(&partial, &cached);
+    });
+    let component = match from_cache {
+        Some(Ok(component)) => component,
+        // Missing, or unreadable (truncated by a full disk...): compile afresh.
+        _ => {
+            let compiled = engine
+                .engine
+                .precompile_component(bytes)
+                .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+            if std::fs::create_dir_all(cache_dir).is_ok() {
+                let partial = cached.with_extension(format!("{}.partial", std::process::id()));
+                if std::fs::write(&partial, &compiled).is_ok() {
+                    let _ = std::fs::rename(&partial, &cached);
+                }
             }
+            // SAFETY: these bytes were just produced by this engine's `precompile_component`.
+            unsafe { Component::deserialize(&engine.engine, &compiled) }
+                .map_err(|e| LoadError::Compile(format!("{e:#}")))?
         }
-        // SAFETY: these bytes were just produced by this engine's `precompile_component`.
-        unsafe { Component::deserialize(&engine.engine, &compiled) }
-            .map_err(|e| format!("{e:#}"))?
     };
-    LoadedPlugin::link(engine, kind, label, &component)
+    LoadedPlugin::link(engine, kind, label, &component).map_err(LoadError::Link)
 }
 
 /// The registry a server with `config` uses, on the process's engine.
@@ -318,7 +340,7 @@ pub fn for_config(
             engine,
             pool,
             &config.schema_name,
-            config.data_dir.join("plugin-cache"),
+            config.plugin_cache_dir(),
             config.plugin_fault_limit,
         )
         .with_filter_order(config.state_filter_order.clone()),

@@ -11,7 +11,7 @@ use super::cleanup::clean_run;
 use super::files::RunFiles;
 use super::{RunError, RunService};
 use crate::client::ClientError;
-use crate::plugins::adapters::{CleanupReport, LoadedPlugin};
+use crate::plugins::adapters::LoadedPlugin;
 use crate::plugins::registry::PluginRegistry;
 use crate::storage::runs::{self, LockedRun};
 
@@ -127,17 +127,23 @@ impl RunService {
             }
         } else {
             let hook = cleanup.hook(kind);
-            deleted.removed_by = Some(
-                hook.as_ref()
-                    .map_or_else(|| "builtin".to_owned(), |h| format!("plugin:{}", h.label)),
-            );
             let files = cleanup.files.clone();
             let finished = status.clone();
-            let report: CleanupReport = tokio::task::spawn_blocking(move || {
-                clean_run(&files, hook.as_ref(), kind.as_str(), id, &finished)
+            let used = hook.clone();
+            let outcome = tokio::task::spawn_blocking(move || {
+                clean_run(&files, used.as_ref(), kind.as_str(), id, &finished)
             })
             .await
             .map_err(|e| RunError::Conflict(format!("removing the run's files failed: {e}")))?;
+            if let (Some(registry), Some(hook)) = (&cleanup.plugins, &hook) {
+                registry.record(hook, true, outcome.fault.as_ref());
+            }
+            deleted.removed_by = Some(match (&hook, &outcome.fault) {
+                (None, _) => "builtin".to_owned(),
+                (Some(hook), None) => format!("plugin:{}", hook.label),
+                (Some(hook), Some(fault)) => format!("builtin (plugin {} {fault})", hook.label),
+            });
+            let report = outcome.report;
             if !report.failed.is_empty() {
                 let failures: Vec<String> = report
                     .failed

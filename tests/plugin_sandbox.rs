@@ -1,0 +1,197 @@
+//! The sandbox of plugin calls: malicious or broken uploads are refused with a reason (an
+//! infinite loop, a memory bomb, the wrong world, an illegal answer, random bytes) while the
+//! host keeps serving; a cleanup hook removes exactly a run's files and cannot reach outside
+//! its preopened directory, through `..` or a symbolic link.
+
+mod support;
+
+use std::sync::Arc;
+
+use hangar::plugins::adapters::{CleanupRun, LoadedPlugin};
+use hangar::plugins::sandbox::Preopen;
+use hangar::plugins::{catalog, PluginError, PluginKind};
+use support::plugins::plugin_wasm;
+use support::plugins::{push, registry};
+use support::TestDb;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malicious_or_broken_uploads_are_refused_with_a_reason() {
+    let db = TestDb::new().await;
+    let plugins = registry(&db, &db.config);
+    let engine = &plugins.engine;
+    let refuse = |slot: &'static str, bytes: Vec<u8>| {
+        let pool = db.pool.clone();
+        let engine = Arc::clone(engine);
+        let cache = plugins.cache_dir().to_owned();
+        async move {
+            match catalog::push(&pool, &engine, &cache, slot, bytes, "attacker").await {
+                Err(PluginError::Invalid(reason)) => reason,
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        }
+    };
+    let read = |name| std::fs::read(plugin_wasm(name)).expect("component");
+    let reason = refuse("retry-policy", read("test-loop-forever")).await;
+    assert!(reason.contains("time budget"), "{reason}");
+    let reason = refuse("retry-policy", read("test-memory-bomb")).await;
+    assert!(
+        reason.contains("memory") || reason.contains("trapped"),
+        "{reason}"
+    );
+    let reason = refuse("retry-policy", read("delete-failing-jobs")).await;
+    assert!(
+        reason.contains("does not implement"),
+        "wrong world: {reason}"
+    );
+    let reason = refuse("state-filter/bad", read("test-bad-answer")).await;
+    assert!(reason.contains("illegal"), "{reason}");
+    let random: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let reason = refuse("retry-policy", random).await;
+    assert!(reason.contains("not a WebAssembly component"), "{reason}");
+    let reason = refuse("retry-policy", vec![0; catalog::MAX_PLUGIN_BYTES + 1]).await;
+    assert!(reason.contains("at most"), "{reason}");
+    let reason = refuse("no-such-slot", read("retry-exponential")).await;
+    assert!(reason.contains("unknown slot"), "{reason}");
+    assert!(
+        hangar::storage::plugins::versions(&db.pool, None)
+            .await
+            .expect("versions")
+            .is_empty(),
+        "nothing was stored"
+    );
+    // The host still serves: a good component passes on the same engine, and decides.
+    let version = push(&db, &plugins, "retry-policy", "retry-exponential").await;
+    assert_eq!(version, 1);
+    let bytes = std::fs::read(plugin_wasm("retry-exponential")).expect("component");
+    let component =
+        wasmtime::component::Component::new(&plugins.engine.engine, bytes).expect("compile");
+    let good = LoadedPlugin::link(
+        Arc::clone(&plugins.engine),
+        PluginKind::RetryPolicy,
+        "good".into(),
+        &component,
+    )
+    .expect("link");
+    let parameters = std::collections::BTreeMap::new();
+    let job = hangar::plugins::adapters::PolicyJob {
+        id: 1,
+        kind: "k",
+        queue: "default",
+        attempt: 1,
+        failures: 1,
+        parameters: &parameters,
+    };
+    let decision = good
+        .decide(&job, &hangar::state::JobError::new("E", "boom"))
+        .expect("decision");
+    assert_eq!(
+        decision,
+        hangar::election::RetryDecision::RetryAfter(std::time::Duration::from_secs(60))
+    );
+}
+
+fn cleanup_plugin(db: &TestDb, name: &str) -> LoadedPlugin {
+    let engine =
+        hangar::plugins::engine::process_engine(db.config.plugin_limits()).expect("engine");
+    let bytes = std::fs::read(plugin_wasm(name)).expect("component");
+    let component = wasmtime::component::Component::new(&engine.engine, bytes).expect("compile");
+    LoadedPlugin::link(engine, PluginKind::CleanupHook, name.into(), &component).expect("link")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_removes_exactly_the_runs_files() {
+    let db = TestDb::new().await;
+    let root = db.dir.path().join("data");
+    let run = "0190a1b2-0000-7000-8000-000000000001";
+    let other = "0190a1b2-0000-7000-8000-000000000002";
+    for id in [run, other] {
+        std::fs::create_dir_all(root.join(format!("detections/{id}/vis"))).expect("dirs");
+        std::fs::write(
+            root.join(format!("detections/{id}/detection_bboxes.json")),
+            "{}",
+        )
+        .expect("file");
+        std::fs::write(root.join(format!("detections/{id}/vis/a.jpg")), "x").expect("file");
+        std::fs::create_dir_all(root.join("logs")).expect("dir");
+        std::fs::write(root.join(format!("logs/succ_{id}.txt")), "out").expect("file");
+        std::fs::write(root.join(format!("logs/error_{id}.txt")), "err").expect("file");
+        std::fs::create_dir_all(root.join("errors")).expect("dir");
+        std::fs::write(root.join(format!("errors/{id}_errMsg.txt")), "boom").expect("file");
+    }
+    let plugin = cleanup_plugin(&db, "detection-cleanup");
+    let cleanup = CleanupRun {
+        id: run.into(),
+        kind: "detection".into(),
+        status: "Error".into(),
+        files: vec![
+            format!("errors/{run}_errMsg.txt"),
+            format!("logs/succ_{run}.txt"),
+            format!("logs/error_{run}.txt"),
+            format!("detections/{run}"),
+            "../outside".into(),
+            "/etc/passwd".into(),
+        ],
+    };
+    let preopen = Preopen {
+        host: root.clone(),
+        guest: ".".into(),
+    };
+    let report = tokio::task::spawn_blocking(move || plugin.cleanup(&cleanup, &[preopen]))
+        .await
+        .expect("thread")
+        .expect("cleanup");
+    assert_eq!(report.removed.len(), 4, "{report:?}");
+    assert_eq!(
+        report.failed.len(),
+        2,
+        "the escapes are refused: {report:?}"
+    );
+    assert!(!root.join(format!("detections/{run}")).exists());
+    assert!(!root.join(format!("logs/succ_{run}.txt")).exists());
+    assert!(!root.join(format!("errors/{run}_errMsg.txt")).exists());
+    for path in [
+        format!("detections/{other}/vis/a.jpg"),
+        format!("logs/succ_{other}.txt"),
+        format!("logs/error_{other}.txt"),
+        format!("errors/{other}_errMsg.txt"),
+    ] {
+        assert!(root.join(&path).exists(), "{path} belongs to another run");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cleanup_hook_cannot_reach_outside_its_directories() {
+    let db = TestDb::new().await;
+    let outside = db.dir.path().join("outside");
+    std::fs::create_dir_all(&outside).expect("dir");
+    std::fs::write(outside.join("victim.txt"), "keep me").expect("file");
+    std::fs::write(db.dir.path().join("outside.txt"), "keep me too").expect("file");
+    let run_dir = db.dir.path().join("run");
+    std::fs::create_dir_all(&run_dir).expect("dir");
+    std::os::unix::fs::symlink(&outside, run_dir.join("link")).expect("symlink");
+    let plugin = cleanup_plugin(&db, "test-escape-fs");
+    let run = CleanupRun {
+        id: "x".into(),
+        kind: "detection".into(),
+        status: "Success".into(),
+        files: vec!["link".into()],
+    };
+    let preopen = Preopen {
+        host: run_dir.clone(),
+        guest: ".".into(),
+    };
+    let report = tokio::task::spawn_blocking(move || plugin.cleanup(&run, &[preopen]))
+        .await
+        .expect("thread");
+    println!("escape attempt: {report:?}");
+    assert_eq!(
+        std::fs::read_to_string(outside.join("victim.txt")).expect("victim"),
+        "keep me"
+    );
+    assert_eq!(
+        std::fs::read_to_string(db.dir.path().join("outside.txt")).expect("outside"),
+        "keep me too"
+    );
+}
