@@ -7,6 +7,7 @@ CARGO ?= cargo
 RUSTUP ?= rustup
 HANGAR := target/debug/hangar
 PLUGINS := --manifest-path plugins/Cargo.toml
+EXAMPLE := --manifest-path examples/custom-retry-policy/Cargo.toml
 
 build:
 	$(CARGO) build
@@ -31,8 +32,10 @@ demo: mmdet plugins
 lint: wasm-target
 	$(CARGO) fmt --all -- --check
 	$(CARGO) fmt $(PLUGINS) --all -- --check
+	$(CARGO) fmt $(EXAMPLE) -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy $(PLUGINS) --workspace --target wasm32-wasip2 -- -D warnings
+	$(CARGO) clippy $(EXAMPLE) --target wasm32-wasip2 -- -D warnings
 
 # Every test, the end-to-end MMDetection tier included; then the plugins' own unit tests
 # (their pure logic, natively).

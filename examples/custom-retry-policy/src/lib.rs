@@ -19,16 +19,22 @@ impl Guest for GpuAwareRetry {
             .and_then(|value| value.parse::<i32>().ok())
             .unwrap_or(5);
         let retries_so_far = job.failures - 1;
-        let decision = if error.details.contains("CUDA out of memory") && retries_so_far < max_retries {
-            Decision::RetryAfter(10_000)
-        } else if error.exception_type == "InvalidArguments" || error.message.contains("cannot identify image") {
-            Decision::Fail
-        } else if retries_so_far < max_retries {
-            Decision::RetryAfter(30_000 * (retries_so_far as u64 + 1))
-        } else {
-            Decision::Fail
-        };
-        host::log(Level::Info, &format!("job {} ({}): {:?}", job.id, job.kind, decision));
+        let decision =
+            if error.details.contains("CUDA out of memory") && retries_so_far < max_retries {
+                Decision::RetryAfter(10_000)
+            } else if error.exception_type == "InvalidArguments"
+                || error.message.contains("cannot identify image")
+            {
+                Decision::Fail
+            } else if retries_so_far < max_retries {
+                Decision::RetryAfter(30_000 * (retries_so_far as u64 + 1))
+            } else {
+                Decision::Fail
+            };
+        host::log(
+            Level::Info,
+            &format!("job {} ({}): {:?}", job.id, job.kind, decision),
+        );
         decision
     }
 }

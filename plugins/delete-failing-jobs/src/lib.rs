@@ -100,15 +100,33 @@ mod tests {
     fn a_job_failed_often_enough_is_deleted_with_a_reason() {
         let elected = elect(&job(3), state(StateName::Failed), 3);
         assert_eq!(elected.name, StateName::Deleted);
-        assert!(elected.reason.contains("failed 3 times"), "{}", elected.reason);
-        assert!(elected.reason.contains("exit status 1"), "{}", elected.reason);
+        assert!(
+            elected.reason.contains("failed 3 times"),
+            "{}",
+            elected.reason
+        );
+        assert!(
+            elected.reason.contains("exit status 1"),
+            "{}",
+            elected.reason
+        );
     }
 
     #[test]
     fn everything_else_passes_unchanged() {
-        assert_eq!(elect(&job(2), state(StateName::Failed), 3).name, StateName::Failed);
-        assert_eq!(elect(&job(9), state(StateName::Failed), 0).name, StateName::Failed);
-        for name in [StateName::Succeeded, StateName::Scheduled, StateName::Enqueued] {
+        assert_eq!(
+            elect(&job(2), state(StateName::Failed), 3).name,
+            StateName::Failed
+        );
+        assert_eq!(
+            elect(&job(9), state(StateName::Failed), 0).name,
+            StateName::Failed
+        );
+        for name in [
+            StateName::Succeeded,
+            StateName::Scheduled,
+            StateName::Enqueued,
+        ] {
             assert_eq!(elect(&job(9), state(name), 3).name, name);
         }
     }
