@@ -4,12 +4,11 @@ mod support;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use futures::future::BoxFuture;
 use hangar::executor::{HandlerRegistry, JobContext, JobHandler};
 use hangar::state::{JobError, NewJob};
-use support::{wait_for, TestDb};
+use support::{wait_all_succeeded, TestDb};
 
 /// The servers that started each (job, attempt).
 type Starts = HashMap<(i64, i32), Vec<String>>;
@@ -60,13 +59,7 @@ async fn eight_servers_start_each_job_of_a_burst_exactly_once() {
         .expect("enqueue the burst");
     assert_eq!(ids.len(), JOBS);
 
-    wait_for("every job to succeed", Duration::from_secs(120), || async {
-        let counts = hangar::storage::jobs::count_by_state(&db.pool)
-            .await
-            .expect("count");
-        (counts == vec![("succeeded".to_owned(), JOBS as i64)]).then_some(())
-    })
-    .await;
+    wait_all_succeeded(&db, JOBS).await;
 
     let starts = recorder.starts.lock().expect("lock").clone();
     assert_eq!(starts.len(), JOBS, "every job started");

@@ -78,6 +78,9 @@ pub fn test_config(schema: &str, data_dir: &Path) -> Config {
         run_reconcile_interval: Duration::from_millis(200),
         gpus: Some(vec![]),
         mmdet_python: None,
+        // Generous, so that a busy machine (parallel tests) never makes a sound plugin call
+        // run out of wall time; the hostile guests still hit it.
+        plugin_time_budget: Duration::from_millis(500),
         ..Config::default()
     }
 }
@@ -156,6 +159,21 @@ where
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Waits until the schema holds exactly `jobs` jobs, all succeeded.
+pub async fn wait_all_succeeded(db: &TestDb, jobs: usize) {
+    let expected = vec![(
+        "succeeded".to_owned(),
+        i64::try_from(jobs).unwrap_or(i64::MAX),
+    )];
+    wait_for("every job to succeed", Duration::from_secs(120), || async {
+        let counts = storage::jobs::count_by_state(&db.pool)
+            .await
+            .expect("count");
+        (counts == expected).then_some(())
+    })
+    .await;
 }
 
 /// Waits until job `id` is in `state`.

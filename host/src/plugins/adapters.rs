@@ -6,10 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use wasmtime::component::Component;
+use wasmtime::Store;
 
 use super::bindings::{self, cleanup, filter, retry};
 use super::engine::PluginEngine;
-use super::sandbox::{new_store, Preopen};
+use super::sandbox::{new_store, PluginState, Preopen};
 use super::{PluginFault, PluginKind};
 use crate::election::RetryDecision;
 use crate::state::{JobError, JobState};
@@ -49,9 +50,9 @@ pub struct CleanupReport {
 }
 
 enum Pre {
-    Retry(retry::RetryPolicyPluginPre<super::sandbox::PluginState>),
-    Filter(filter::StateFilterPluginPre<super::sandbox::PluginState>),
-    Cleanup(cleanup::CleanupHookPluginPre<super::sandbox::PluginState>),
+    Retry(retry::RetryPolicyPluginPre<PluginState>),
+    Filter(filter::StateFilterPluginPre<PluginState>),
+    Cleanup(cleanup::CleanupHookPluginPre<PluginState>),
 }
 
 /// A plugin version compiled and linked against its world, ready to instantiate per call.
@@ -98,6 +99,26 @@ impl LoadedPlugin {
         })
     }
 
+    /// One call in a fresh store: `instantiate` the pre-instantiated component in it, then
+    /// `call` the export. Traps, timeouts and memory faults become [`PluginFault`]s.
+    fn call<P, R>(
+        &self,
+        job: &PolicyJob<'_>,
+        preopens: &[Preopen],
+        instantiate: impl FnOnce(&mut Store<PluginState>) -> wasmtime::Result<P>,
+        call: impl FnOnce(&P, &mut Store<PluginState>) -> wasmtime::Result<R>,
+    ) -> Result<R, PluginFault> {
+        let mut store = new_store(
+            &self.engine,
+            &self.label,
+            job.id,
+            job.parameters.clone(),
+            preopens,
+        )?;
+        let plugin = instantiate(&mut store).map_err(PluginFault::from_error)?;
+        call(&plugin, &mut store).map_err(PluginFault::from_error)
+    }
+
     fn wrong_world(&self) -> PluginFault {
         PluginFault::Setup(format!("{} is not a {}", self.label, self.kind.world()))
     }
@@ -111,25 +132,21 @@ impl LoadedPlugin {
         let Pre::Retry(pre) = &self.pre else {
             return Err(self.wrong_world());
         };
-        let mut store = new_store(
-            &self.engine,
-            &self.label,
-            job.id,
-            job.parameters.clone(),
-            &[],
-        )?;
-        let plugin = pre
-            .instantiate(&mut store)
-            .map_err(PluginFault::from_error)?;
         let error = bindings::JobError {
             exception_type: error.exception_type.clone(),
             message: error.message.clone(),
             details: error.details.clone(),
         };
-        let decision = plugin
-            .hangar_policy_retry_policy()
-            .call_decide(&mut store, &wit_job(job), &error)
-            .map_err(PluginFault::from_error)?;
+        let decision = self.call(
+            job,
+            &[],
+            |store| pre.instantiate(store),
+            |plugin, store| {
+                plugin
+                    .hangar_policy_retry_policy()
+                    .call_decide(store, &wit_job(job), &error)
+            },
+        )?;
         use retry::exports::hangar::policy::retry_policy::Decision;
         Ok(match decision {
             Decision::RetryAfter(ms) => {
@@ -156,20 +173,18 @@ impl LoadedPlugin {
         let Pre::Filter(pre) = &self.pre else {
             return Err(self.wrong_world());
         };
-        let mut store = new_store(
-            &self.engine,
-            &self.label,
-            job.id,
-            job.parameters.clone(),
+        let answer = self.call(
+            job,
             &[],
+            |store| pre.instantiate(store),
+            |plugin, store| {
+                plugin.hangar_policy_state_filter().call_elect(
+                    store,
+                    &wit_job(job),
+                    &wit_state(candidate),
+                )
+            },
         )?;
-        let plugin = pre
-            .instantiate(&mut store)
-            .map_err(PluginFault::from_error)?;
-        let answer = plugin
-            .hangar_policy_state_filter()
-            .call_elect(&mut store, &wit_job(job), &wit_state(candidate))
-            .map_err(PluginFault::from_error)?;
         let answer = from_wit_state(&answer)?;
         let legal = answer.state == candidate.state
             || matches!(
@@ -195,20 +210,18 @@ impl LoadedPlugin {
         let Pre::Filter(pre) = &self.pre else {
             return Err(self.wrong_world());
         };
-        let mut store = new_store(
-            &self.engine,
-            &self.label,
-            job.id,
-            job.parameters.clone(),
+        self.call(
+            job,
             &[],
-        )?;
-        let plugin = pre
-            .instantiate(&mut store)
-            .map_err(PluginFault::from_error)?;
-        plugin
-            .hangar_policy_state_filter()
-            .call_applied(&mut store, &wit_job(job), &wit_state(state))
-            .map_err(PluginFault::from_error)
+            |store| pre.instantiate(store),
+            |plugin, store| {
+                plugin.hangar_policy_state_filter().call_applied(
+                    store,
+                    &wit_job(job),
+                    &wit_state(state),
+                )
+            },
+        )
     }
 
     /// Runs the cleanup hook with only `preopens` visible.
@@ -220,20 +233,31 @@ impl LoadedPlugin {
         let Pre::Cleanup(pre) = &self.pre else {
             return Err(self.wrong_world());
         };
-        let mut store = new_store(&self.engine, &self.label, 0, BTreeMap::new(), preopens)?;
-        let plugin = pre
-            .instantiate(&mut store)
-            .map_err(PluginFault::from_error)?;
         let wit_run = cleanup::exports::hangar::policy::cleanup_hook::Run {
             id: run.id.clone(),
             kind: run.kind.clone(),
             status: run.status.clone(),
             files: run.files.clone(),
         };
-        let report = plugin
-            .hangar_policy_cleanup_hook()
-            .call_cleanup(&mut store, &wit_run)
-            .map_err(PluginFault::from_error)?;
+        let no_parameters = BTreeMap::new();
+        let no_job = PolicyJob {
+            id: 0,
+            kind: &run.kind,
+            queue: "",
+            attempt: 0,
+            failures: 0,
+            parameters: &no_parameters,
+        };
+        let report = self.call(
+            &no_job,
+            preopens,
+            |store| pre.instantiate(store),
+            |plugin, store| {
+                plugin
+                    .hangar_policy_cleanup_hook()
+                    .call_cleanup(store, &wit_run)
+            },
+        )?;
         Ok(CleanupReport {
             removed: report.removed,
             failed: report
