@@ -189,7 +189,30 @@ async fn a_cleanup_hook_cannot_reach_outside_its_directories() {
     let report = tokio::task::spawn_blocking(move || plugin.cleanup(&run, &[preopen]))
         .await
         .expect("thread");
-    println!("escape attempt: {report:?}");
+    let report = report.expect("the hook answers");
+    // What may succeed stays inside the preopened directory: listing the guest's own root
+    // (the preopen), planting a link there, removing the link itself.
+    for attempt in &report.removed {
+        assert!(
+            ["read_dir /", "symlink escape-parent", "remove_dir_all link"]
+                .contains(&attempt.as_str()),
+            "{attempt} should have been refused: {report:?}"
+        );
+    }
+    for refused in [
+        "remove_file ../outside.txt",
+        "create ../escaped.txt",
+        "read_dir link",
+        "remove_dir_all link/",
+    ] {
+        assert!(
+            report.failed.iter().any(|(attempt, _)| attempt == refused),
+            "{refused} was attempted and refused: {report:?}"
+        );
+    }
+    assert!(!db.dir.path().join("escaped.txt").exists());
+    assert!(!outside.join("created-by-plugin.txt").exists());
+    assert!(outside.is_dir(), "the link's target is still there");
     assert_eq!(
         std::fs::read_to_string(outside.join("victim.txt")).expect("victim"),
         "keep me"
