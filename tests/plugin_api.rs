@@ -134,6 +134,17 @@ async fn plugins_are_managed_over_http_with_clear_refusals() {
         .map(|v| format!("{}@{}", v["slot"].as_str().unwrap_or(""), v["version"]))
         .collect();
     assert_eq!(active, ["retry-policy@1"]);
+    let (status, body) = api.post("/v1/plugins/retry-policy/deactivate", "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (body["active"].clone(), body["was_active"].clone()),
+        (Value::Null, json!(1))
+    );
+    registry.reload().await.expect("reload");
+    assert!(
+        registry.snapshot().retry_policy.is_none(),
+        "the built-in policy decides again"
+    );
 
     let without = Api::new().await;
     let (status, body) = without

@@ -28,6 +28,11 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/v1/plugins/{kind}/{name}/rollback", post(rollback_named))
         .route("/v1/plugins/{kind}/rollback", post(rollback_unnamed))
+        .route(
+            "/v1/plugins/{kind}/{name}/deactivate",
+            post(deactivate_named),
+        )
+        .route("/v1/plugins/{kind}/deactivate", post(deactivate_unnamed))
         .route("/v1/plugins/{kind}/{name}", get(show_named))
         .route("/v1/plugins/{kind}", get(show_unnamed))
         // Room for the largest component hangar accepts (and a little more, so the catalog
@@ -140,6 +145,29 @@ async fn activate(
 async fn rollback(state: &AppState, actor: &str, slot: &str) -> Result<Json<Value>, ApiError> {
     let version = catalog::rollback(&state.pool, &state.schema, slot, actor).await?;
     Ok(Json(json!({ "slot": slot, "active": version })))
+}
+
+async fn deactivate(state: &AppState, actor: &str, slot: &str) -> Result<Json<Value>, ApiError> {
+    let was = catalog::deactivate(&state.pool, &state.schema, slot, actor).await?;
+    Ok(Json(
+        json!({ "slot": slot, "active": null, "was_active": was }),
+    ))
+}
+
+async fn deactivate_named(
+    State(state): State<AppState>,
+    Authorized(caller, _): Authorized<PluginsManage>,
+    Path((kind, name)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    deactivate(&state, &caller.name, &slot(&kind, Some(&name))).await
+}
+
+async fn deactivate_unnamed(
+    State(state): State<AppState>,
+    Authorized(caller, _): Authorized<PluginsManage>,
+    Path(kind): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    deactivate(&state, &caller.name, &slot(&kind, None)).await
 }
 
 async fn push_named(

@@ -98,6 +98,13 @@ enum PluginCommand {
         #[arg(long, default_value = "cli")]
         actor: String,
     },
+    /// Turn a slot off on every server: no version active, the built-in policy decides.
+    Deactivate {
+        #[arg(long)]
+        slot: String,
+        #[arg(long, default_value = "cli")]
+        actor: String,
+    },
     /// List versions (the active ones marked) and, for one slot, its events.
     List {
         #[arg(long)]
@@ -290,6 +297,12 @@ async fn plugin_command(config: &Config, command: PluginCommand) -> anyhow::Resu
         PluginCommand::Rollback { slot, actor } => {
             let version = catalog::rollback(&db.pool, schema, &slot, &actor).await?;
             println!("{slot} rolled back to version {version}");
+        }
+        PluginCommand::Deactivate { slot, actor } => {
+            match catalog::deactivate(&db.pool, schema, &slot, &actor).await? {
+                Some(version) => println!("{slot} is off (version {version} was active)"),
+                None => println!("{slot} had no active version"),
+            }
         }
         PluginCommand::List { slot } => {
             for v in hangar::storage::plugins::versions(&db.pool, slot.as_deref()).await? {

@@ -168,6 +168,26 @@ pub async fn activate(
     Ok(())
 }
 
+/// Turns `slot` off on every server (the built-in policy decides); returns the version that
+/// was active, if one was.
+pub async fn deactivate(
+    pool: &PgPool,
+    schema: &str,
+    slot: &str,
+    actor: &str,
+) -> Result<Option<i32>, PluginError> {
+    PluginKind::of_slot(slot)?;
+    let mut tx = pool.begin().await?;
+    let Some(current) = plugins::active_version(&mut tx, slot).await? else {
+        return Ok(None);
+    };
+    plugins::deactivate(&mut tx, slot, actor, "turned off").await?;
+    plugins::notify_changed(&mut tx, &crate::storage::plugins_channel(schema), slot).await?;
+    tx.commit().await?;
+    tracing::info!(slot, version = current, actor, "plugin slot turned off");
+    Ok(Some(current))
+}
+
 /// Reactivates the version that was active before the current one; returns it.
 pub async fn rollback(
     pool: &PgPool,
@@ -208,6 +228,17 @@ pub async fn rollback(
     Ok(previous)
 }
 
+/// What an automatic rollback did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AutoRollback {
+    /// The version active before the faulty one is active again.
+    Restored(i32),
+    /// The faulty version had no predecessor: the slot is off, the built-in policy decides.
+    TurnedOff,
+    /// The faulty version is no longer active (another server, or an operator, acted first).
+    AlreadyReplaced,
+}
+
 /// The automatic rollback of a faulty plugin (label "slot@version#sha"): only if that version
 /// is still the active one; with no earlier version the slot is turned off (built-in policy).
 pub async fn rollback_faulty(
@@ -215,18 +246,21 @@ pub async fn rollback_faulty(
     channel: &str,
     label: &str,
     reason: &str,
-) -> Result<Option<i32>, PluginError> {
-    let Some((slot, rest)) = label.split_once('@') else {
-        return Ok(None);
-    };
-    let Some(version) = rest.split('#').next().and_then(|v| v.parse::<i32>().ok()) else {
-        return Ok(None);
+) -> Result<AutoRollback, PluginError> {
+    let parsed = label.split_once('@').and_then(|(slot, rest)| {
+        let version = rest.split('#').next()?.parse::<i32>().ok()?;
+        Some((slot, version))
+    });
+    let Some((slot, version)) = parsed else {
+        return Err(PluginError::Invalid(format!(
+            "{label:?} is not a plugin label"
+        )));
     };
     let mut tx = pool.begin().await?;
     if plugins::active_version(&mut tx, slot).await? != Some(version) {
-        return Ok(None);
+        return Ok(AutoRollback::AlreadyReplaced);
     }
-    let restored = match plugins::previous_version(&mut tx, slot, version).await? {
+    let outcome = match plugins::previous_version(&mut tx, slot, version).await? {
         Some(previous) => {
             plugins::activate(
                 &mut tx,
@@ -237,14 +271,14 @@ pub async fn rollback_faulty(
                 Some(reason),
             )
             .await?;
-            Some(previous)
+            AutoRollback::Restored(previous)
         }
         None => {
-            plugins::deactivate(&mut tx, slot, "hangar").await?;
-            None
+            plugins::deactivate(&mut tx, slot, "hangar", reason).await?;
+            AutoRollback::TurnedOff
         }
     };
     plugins::notify_changed(&mut tx, channel, slot).await?;
     tx.commit().await?;
-    Ok(restored.or(Some(0)))
+    Ok(outcome)
 }

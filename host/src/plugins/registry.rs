@@ -14,8 +14,9 @@ use tokio_util::sync::CancellationToken;
 use wasmtime::component::Component;
 
 use super::adapters::LoadedPlugin;
+use super::catalog::{self, AutoRollback};
 use super::engine::PluginEngine;
-use super::{catalog, PluginFault, PluginKind};
+use super::{PluginFault, PluginKind};
 use crate::storage::{plugins, StorageError};
 
 /// The plugins in force at one moment.
@@ -232,10 +233,13 @@ impl PluginRegistry {
             let reason = format!("{} consecutive faults, the last: {fault}", self.fault_limit);
             tokio::spawn(async move {
                 match catalog::rollback_faulty(&pool, &channel, &label, &reason).await {
-                    Ok(Some(version)) => {
-                        tracing::error!(plugin = %label, restored = version, "plugin rolled back automatically")
+                    Ok(AutoRollback::Restored(version)) => {
+                        tracing::error!(plugin = %label, restored = version, %reason, "plugin rolled back automatically")
                     }
-                    Ok(None) => {}
+                    Ok(AutoRollback::TurnedOff) => {
+                        tracing::error!(plugin = %label, %reason, "plugin turned off automatically (no earlier version); the built-in policy decides")
+                    }
+                    Ok(AutoRollback::AlreadyReplaced) => {}
                     Err(error) => {
                         tracing::error!(plugin = %label, %error, "automatic rollback failed")
                     }

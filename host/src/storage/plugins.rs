@@ -160,16 +160,24 @@ pub async fn previous_version(
 }
 
 /// Turns a slot off (no version active: the built-in policy decides).
-pub async fn deactivate(conn: &mut PgConnection, slot: &str, actor: &str) -> Result<u64> {
+pub async fn deactivate(
+    conn: &mut PgConnection,
+    slot: &str,
+    actor: &str,
+    reason: &str,
+) -> Result<u64> {
     let done = sqlx::query("UPDATE plugins SET active = false WHERE slot = $1 AND active")
         .bind(slot)
         .execute(&mut *conn)
         .await?;
-    sqlx::query("INSERT INTO plugin_events (slot, event, actor) VALUES ($1, 'deactivated', $2)")
-        .bind(slot)
-        .bind(actor)
-        .execute(conn)
-        .await?;
+    sqlx::query(
+        "INSERT INTO plugin_events (slot, event, actor, reason) VALUES ($1, 'deactivated', $2, $3)",
+    )
+    .bind(slot)
+    .bind(actor)
+    .bind(reason)
+    .execute(conn)
+    .await?;
     Ok(done.rows_affected())
 }
 
