@@ -97,15 +97,23 @@ impl Election {
     }
 }
 
-/// Elects the end of every attempt through the policies. With plugins active, the jobs'
+/// Elects the end of every attempt through the policies. When a plugin will be called (a
+/// state filter is active, or a retry policy and the batch has a failure), the jobs'
 /// parameters are loaded in one query and the plugin calls run on a blocking thread (they are
-/// synchronous, bounded by their time budget).
+/// synchronous, bounded by their time budget). Otherwise the built-in policy decides inline.
 pub async fn elect_ends(
     policies: &Policies,
     pool: &PgPool,
     attempts: Arc<Vec<AttemptOutcome>>,
 ) -> Result<Election, StorageError> {
-    let Some(plugins) = policies.active_plugins() else {
+    let plugins = policies.active_plugins().filter(|plugins| {
+        !plugins.state_filters.is_empty()
+            || (plugins.retry_policy.is_some()
+                && attempts
+                    .iter()
+                    .any(|a| matches!(a.outcome, Outcome::Failed(_))))
+    });
+    let Some(plugins) = plugins else {
         return Ok(Election {
             ends: builtin_ends(policies, &attempts),
             plugins: None,
