@@ -11,6 +11,8 @@ use hangar::plugins::adapters::{CleanupRun, LoadedPlugin};
 use hangar::plugins::engine::{CallLimits, PluginEngine};
 use hangar::plugins::sandbox::Preopen;
 use hangar::plugins::{catalog, PluginError, PluginKind};
+use hangar::runs::cleanup::clean_run;
+use hangar::runs::files::RunFiles;
 use support::plugins::plugin_wasm;
 use support::plugins::{push, registry};
 use support::TestDb;
@@ -221,4 +223,64 @@ async fn a_cleanup_hook_cannot_reach_outside_its_directories() {
         std::fs::read_to_string(db.dir.path().join("outside.txt")).expect("outside"),
         "keep me too"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_planted_by_a_hook_never_lead_hangar_outside_the_run() {
+    let db = TestDb::new().await;
+    let data = db.dir.path().join("data");
+    let victim = db.dir.path().join("victim");
+    let hook = Arc::new(cleanup_plugin(&db, "test-plant-links"));
+    // Error: the hook traps and hangar removes what is staged; Success: the hook says it
+    // left everything, and hangar moves back what is staged.
+    for status in ["Error", "Success"] {
+        let run = uuid::Uuid::now_v7();
+        let mut own = vec![
+            format!("logs/succ_{run}.txt"),
+            format!("logs/error_{run}.txt"),
+            format!("detections/{run}/detection_bboxes.json"),
+        ];
+        if status == "Error" {
+            own.push(format!("errors/{run}_errMsg.txt"));
+        }
+        // Outside: files named as hangar will look for them through the planted links.
+        let bait = [
+            format!("succ_{run}.txt"),
+            format!("error_{run}.txt"),
+            format!("{run}_errMsg.txt"),
+            format!("{run}/important.txt"),
+        ];
+        for (dir, files) in [(&data, &own[..]), (&victim, &bait[..])] {
+            for file in files {
+                let path = dir.join(file);
+                std::fs::create_dir_all(path.parent().expect("parent")).expect("dirs");
+                std::fs::write(&path, "mine").expect("file");
+            }
+        }
+        let files = RunFiles::at(data.clone());
+        let used = Arc::clone(&hook);
+        let outcome = tokio::task::spawn_blocking(move || {
+            clean_run(&files, Some(&used), "detection", run, status)
+        })
+        .await
+        .expect("thread");
+        assert_eq!(outcome.fault.is_some(), status == "Error", "{outcome:?}");
+        for file in &bait {
+            assert_eq!(
+                std::fs::read_to_string(victim.join(file)).ok().as_deref(),
+                Some("mine"),
+                "{status}: {file} outside the data directory is untouched ({outcome:?})"
+            );
+        }
+        for file in &own {
+            assert!(
+                data.join(file).symlink_metadata().is_err(),
+                "{status}: {file} was removed by the hook and nothing took its place"
+            );
+        }
+        assert!(
+            !data.join("cleanup").join(run.to_string()).exists(),
+            "{status}: no staging (and no planted link) is left"
+        );
+    }
 }

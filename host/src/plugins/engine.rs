@@ -88,9 +88,12 @@ impl PluginEngine {
             .total_stacks(slots)
             .max_memories_per_component(2)
             .max_memory_size(limits.memory_bytes)
-            // Measured: keeping pages resident costs more on every drop than it saves on
-            // every instantiation for plugins this small; decommits are batched instead.
+            // Measured (`hangar bench --election-plugin`): keeping linear-memory pages resident
+            // costs more on every drop (a memset) than it saves in page faults, since a Rust
+            // guest's stack and data start 1 MiB in; decommits are batched instead. Tables are
+            // small, and keeping them resident saves ~15% of a call.
             .linear_memory_keep_resident(0)
+            .table_keep_resident(64 << 10)
             .decommit_batch_size(64);
         let mut config = Config::new();
         config
