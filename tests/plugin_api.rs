@@ -55,6 +55,34 @@ async fn plugins_are_managed_over_http_with_clear_refusals() {
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(detail(&body).contains("unknown slot"), "{body}");
+    for slot in [
+        "state-filter/versions",
+        "state-filter/rollback",
+        "cleanup-hook/escape",
+        "state-filter/Upper",
+    ] {
+        let (status, body) = api
+            .upload(
+                &format!("/v1/plugins/{slot}/versions"),
+                component("retry-exponential"),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{slot}: {body}");
+        assert!(detail(&body).contains("unknown slot"), "{body}");
+    }
+    let (status, body) = api
+        .call(
+            "PUT",
+            "/v1/plugins/retry-policy/versions",
+            Some(&api.token),
+            None,
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "a problem document too: {body}"
+    );
     let oversized = vec![0u8; catalog::MAX_PLUGIN_BYTES + 4096];
     let (status, body) = api.upload(versions, oversized).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);

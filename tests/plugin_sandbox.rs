@@ -284,3 +284,56 @@ async fn links_planted_by_a_hook_never_lead_hangar_outside_the_run() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_calls_at_once_than_the_pool_holds_wait_instead_of_failing() {
+    let engine = Arc::new(
+        PluginEngine::new(CallLimits {
+            concurrent_calls: 4,
+            // This test is about the pool, not the clock (16 threads share 2 cores here).
+            time_budget: std::time::Duration::from_secs(30),
+            ..CallLimits::default()
+        })
+        .expect("engine"),
+    );
+    let bytes = std::fs::read(plugin_wasm("test-retry-a")).expect("component");
+    let component = wasmtime::component::Component::new(&engine.engine, bytes).expect("compile");
+    let plugin = Arc::new(
+        LoadedPlugin::link(
+            Arc::clone(&engine),
+            PluginKind::RetryPolicy,
+            "small-pool".into(),
+            &component,
+        )
+        .expect("link"),
+    );
+    let callers: Vec<_> = (0..16)
+        .map(|n| {
+            let plugin = Arc::clone(&plugin);
+            std::thread::spawn(move || {
+                let parameters = std::collections::BTreeMap::new();
+                let job = hangar::plugins::adapters::PolicyJob {
+                    id: n,
+                    kind: "k",
+                    queue: "default",
+                    attempt: 1,
+                    failures: 1,
+                    parameters: &parameters,
+                };
+                let error = hangar::state::JobError::new("E", "boom");
+                (0..200)
+                    .filter_map(|_| plugin.decide(&job, &error).err())
+                    .inspect(|fault| eprintln!("{fault:?}"))
+                    .count()
+            })
+        })
+        .collect();
+    let failed: usize = callers
+        .into_iter()
+        .map(|caller| caller.join().expect("caller"))
+        .sum();
+    assert_eq!(
+        failed, 0,
+        "16 threads on 4 slots: every call waits its turn"
+    );
+}

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hangar::plugins::catalog;
+use hangar::plugins::{catalog, switch};
 use hangar::state::NewJob;
 use support::plugins::plugin_wasm;
 use support::plugins::{activate, enqueue_with, push, registry, server_with_plugins, wait_active};
@@ -96,7 +96,7 @@ async fn versions_swap_under_load_with_every_decision_attributable() {
             let mut swaps = 0u32;
             while !done.is_cancelled() {
                 let version = if swaps % 2 == 0 { b } else { a };
-                catalog::activate(&pool, &schema, "retry-policy", version, "swapper")
+                switch::activate(&pool, &schema, "retry-policy", version, "swapper")
                     .await
                     .expect("swap");
                 swaps += 1;
@@ -161,7 +161,7 @@ async fn a_second_server_picks_up_an_activation_and_rollback_restores_the_previo
     wait_active(&second, &format!("retry-policy@{one}#")).await;
     activate(&db, "retry-policy", two).await;
     wait_active(&second, &format!("retry-policy@{two}#")).await;
-    let restored = catalog::rollback(&db.pool, &db.config.schema_name, "retry-policy", "test")
+    let restored = switch::rollback(&db.pool, &db.config.schema_name, "retry-policy", "test")
         .await
         .expect("rollback");
     assert_eq!(restored, one);
@@ -255,7 +255,63 @@ async fn a_plugin_that_faults_at_run_time_is_overruled_and_then_rolled_back() {
         .as_str()
         .unwrap_or_default()
         .starts_with(&format!("plugin:retry-policy@{good}#")));
+
+    // An operator puts the faulty version back: it is rolled back again after as many faults.
+    activate(&db, "retry-policy", bad).await;
+    wait_active(&plugins, &format!("retry-policy@{bad}#")).await;
+    for _ in 0..2 {
+        let id = enqueue_with(&db, "fail-once", &[("retry.unit-ms", "20")]).await;
+        wait_for_state(&db, id, "succeeded", WAIT).await;
+    }
+    wait_active(&plugins, &format!("retry-policy@{good}#")).await;
+    let events = hangar::storage::plugins::events(&db.pool, "retry-policy")
+        .await
+        .expect("events");
+    let automatic = events
+        .iter()
+        .filter(|e| e.event == "rolled back automatically")
+        .count();
+    assert_eq!(automatic, 2, "{events:#?}");
     server.shutdown().await;
+}
+
+/// `bytes` with a custom section appended: the same component, other bytes (another hash).
+fn variant(bytes: &[u8], n: u8) -> Vec<u8> {
+    let name = b"hangar-test";
+    let payload = [n];
+    let mut out = bytes.to_vec();
+    out.push(0); // custom section
+    out.push(u8::try_from(1 + name.len() + payload.len()).expect("small"));
+    out.push(u8::try_from(name.len()).expect("small"));
+    out.extend_from_slice(name);
+    out.extend_from_slice(&payload);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_uploads_to_one_slot_each_get_their_own_version() {
+    let db = TestDb::new().await;
+    let plugins = registry(&db, &db.config);
+    let bytes = std::fs::read(plugin_wasm("test-retry-a")).expect("component");
+    let uploads = (0..8u8).map(|n| {
+        let (pool, engine, cache) = (
+            db.pool.clone(),
+            Arc::clone(&plugins.engine),
+            plugins.cache_dir().to_owned(),
+        );
+        let bytes = variant(&bytes, n);
+        tokio::spawn(async move {
+            catalog::push(&pool, &engine, &cache, "retry-policy", bytes, "racer").await
+        })
+    });
+    let mut versions: Vec<i32> = Vec::new();
+    for upload in futures::future::join_all(uploads).await {
+        let pushed = upload.expect("task").expect("every upload is stored");
+        assert!(pushed.new);
+        versions.push(pushed.version);
+    }
+    versions.sort_unstable();
+    assert_eq!(versions, (1..=8).collect::<Vec<_>>());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

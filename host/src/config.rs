@@ -116,6 +116,9 @@ pub struct Config {
     /// Wall time one plugin call may take before it is interrupted. Default 10ms.
     #[serde(with = "humantime_serde")]
     pub plugin_time_budget: Duration,
+    /// Wall time one cleanup-hook call may take (it removes files). Default 60s.
+    #[serde(with = "humantime_serde")]
+    pub plugin_cleanup_time_budget: Duration,
     /// Memory one plugin call may use, in bytes. Default 16 MiB.
     pub plugin_memory_limit: usize,
     /// Faults in a row after which a plugin's previous version is reactivated. Default 5.
@@ -160,6 +163,7 @@ impl Default for Config {
             job_retention: Duration::from_secs(7 * 24 * 3600),
             plugins_enabled: true,
             plugin_time_budget: Duration::from_millis(10),
+            plugin_cleanup_time_budget: Duration::from_secs(60),
             plugin_memory_limit: 16 << 20,
             plugin_fault_limit: 5,
             state_filter_order: Vec::new(),
@@ -220,6 +224,31 @@ impl Config {
                 ),
             );
         }
+        for (field, budget) in [
+            ("plugin_time_budget", self.plugin_time_budget),
+            (
+                "plugin_cleanup_time_budget",
+                self.plugin_cleanup_time_budget,
+            ),
+        ] {
+            if budget < Duration::from_millis(1) {
+                return invalid(field, "must be at least 1ms".into());
+            }
+        }
+        // A Rust guest starts with a little over 1 MiB of linear memory (its stack first).
+        if !(2 << 20..=1 << 32).contains(&self.plugin_memory_limit) {
+            return invalid(
+                "plugin_memory_limit",
+                format!(
+                    "{} bytes is not between 2 MiB (a Rust plugin needs a little over 1 MiB to \
+                     start) and 4 GiB",
+                    self.plugin_memory_limit
+                ),
+            );
+        }
+        if self.plugin_fault_limit == 0 {
+            return invalid("plugin_fault_limit", "must be at least 1".into());
+        }
         Ok(())
     }
 
@@ -227,8 +256,11 @@ impl Config {
     pub fn plugin_limits(&self) -> crate::plugins::engine::CallLimits {
         crate::plugins::engine::CallLimits {
             time_budget: self.plugin_time_budget,
+            cleanup_time_budget: self.plugin_cleanup_time_budget,
             memory_bytes: self.plugin_memory_limit,
-            concurrent_calls: u32::try_from(self.worker_count.clamp(4, 256)).unwrap_or(256),
+            // Elections run a batch at a time, but uploads, notifications and cleanups come
+            // on top: room beyond the workers.
+            concurrent_calls: u32::try_from((self.worker_count + 16).clamp(32, 512)).unwrap_or(512),
         }
     }
 

@@ -173,10 +173,7 @@ impl Api {
             std::time::Duration::from_secs(30),
             || async {
                 let (_, run) = self.get(uri).await;
-                run["status"]
-                    .as_str()
-                    .is_some_and(|status| accept(status))
-                    .then_some(run)
+                run["status"].as_str().is_some_and(&accept).then_some(run)
             },
         )
         .await

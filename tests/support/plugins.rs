@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use hangar::executor::{HandlerRegistry, JobContext, JobHandler};
-use hangar::plugins::catalog;
 use hangar::plugins::registry::PluginRegistry;
+use hangar::plugins::{catalog, switch};
 use hangar::server::{RunningServer, ServerParts};
 use hangar::state::{JobError, NewJob};
 
@@ -107,7 +107,7 @@ pub async fn enqueue_with(db: &TestDb, kind: &str, parameters: &[(&str, &str)]) 
 }
 
 pub async fn activate(db: &TestDb, slot: &str, version: i32) {
-    catalog::activate(&db.pool, &db.config.schema_name, slot, version, "test")
+    switch::activate(&db.pool, &db.config.schema_name, slot, version, "test")
         .await
         .expect("activate");
 }

@@ -67,6 +67,9 @@ pub fn app(state: AppState) -> Router {
         .merge(jobs::routes())
         .merge(plugins::routes())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .method_not_allowed_fallback(|| async {
+            ApiError::MethodNotAllowed("this endpoint does not take that method".into())
+        })
         .with_state(state)
 }
 

@@ -10,7 +10,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::{ApiError, AppState, Authorized, PluginsManage};
-use crate::plugins::{catalog, PluginError};
+use crate::plugins::{catalog, switch, PluginError};
 use crate::storage::plugins;
 
 pub fn routes() -> Router<AppState> {
@@ -138,17 +138,17 @@ async fn activate(
     version: &str,
 ) -> Result<Json<Value>, ApiError> {
     let version = parse_version(version)?;
-    catalog::activate(&state.pool, &state.schema, slot, version, actor).await?;
+    switch::activate(&state.pool, &state.schema, slot, version, actor).await?;
     Ok(Json(json!({ "slot": slot, "active": version })))
 }
 
 async fn rollback(state: &AppState, actor: &str, slot: &str) -> Result<Json<Value>, ApiError> {
-    let version = catalog::rollback(&state.pool, &state.schema, slot, actor).await?;
+    let version = switch::rollback(&state.pool, &state.schema, slot, actor).await?;
     Ok(Json(json!({ "slot": slot, "active": version })))
 }
 
 async fn deactivate(state: &AppState, actor: &str, slot: &str) -> Result<Json<Value>, ApiError> {
-    let was = catalog::deactivate(&state.pool, &state.schema, slot, actor).await?;
+    let was = switch::deactivate(&state.pool, &state.schema, slot, actor).await?;
     Ok(Json(
         json!({ "slot": slot, "active": null, "was_active": was }),
     ))

@@ -30,6 +30,8 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     TooLarge(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -93,6 +95,9 @@ impl IntoResponse for ApiError {
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "Forbidden", None),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "Conflict", None),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "Payload too large", None),
+            ApiError::MethodNotAllowed(_) => {
+                (StatusCode::METHOD_NOT_ALLOWED, "Method not allowed", None)
+            }
             ApiError::Internal(detail) => {
                 // Logged inside the request's span; the client gets a generic body.
                 tracing::error!(error = %detail, "request failed");

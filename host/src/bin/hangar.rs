@@ -250,7 +250,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn plugin_command(config: &Config, command: PluginCommand) -> anyhow::Result<()> {
-    use hangar::plugins::catalog;
+    use hangar::plugins::{catalog, switch};
     let db = database::open(config, 2).await?;
     let schema = &config.schema_name;
     match command {
@@ -282,7 +282,7 @@ async fn plugin_command(config: &Config, command: PluginCommand) -> anyhow::Resu
                 pushed.slot, pushed.version, pushed.sha256
             );
             if activate {
-                catalog::activate(&db.pool, schema, &slot, pushed.version, &actor).await?;
+                switch::activate(&db.pool, schema, &slot, pushed.version, &actor).await?;
                 println!("{} version {} is active", pushed.slot, pushed.version);
             }
         }
@@ -291,15 +291,15 @@ async fn plugin_command(config: &Config, command: PluginCommand) -> anyhow::Resu
             version,
             actor,
         } => {
-            catalog::activate(&db.pool, schema, &slot, version, &actor).await?;
+            switch::activate(&db.pool, schema, &slot, version, &actor).await?;
             println!("{slot} version {version} is active");
         }
         PluginCommand::Rollback { slot, actor } => {
-            let version = catalog::rollback(&db.pool, schema, &slot, &actor).await?;
+            let version = switch::rollback(&db.pool, schema, &slot, &actor).await?;
             println!("{slot} rolled back to version {version}");
         }
         PluginCommand::Deactivate { slot, actor } => {
-            match catalog::deactivate(&db.pool, schema, &slot, &actor).await? {
+            match switch::deactivate(&db.pool, schema, &slot, &actor).await? {
                 Some(version) => println!("{slot} is off (version {version} was active)"),
                 None => println!("{slot} had no active version"),
             }

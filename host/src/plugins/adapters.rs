@@ -64,6 +64,9 @@ pub struct LoadedPlugin {
     pre: Pre,
 }
 
+/// How often a call tries again to instantiate when the pool is momentarily full.
+const POOL_RETRIES: u32 = 50;
+
 /// The longest retry delay a policy may ask for; more is an illegal answer.
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -105,18 +108,46 @@ impl LoadedPlugin {
         &self,
         job: &PolicyJob<'_>,
         preopens: &[Preopen],
-        instantiate: impl FnOnce(&mut Store<PluginState>) -> wasmtime::Result<P>,
-        call: impl FnOnce(&P, &mut Store<PluginState>) -> wasmtime::Result<R>,
+        instantiate: impl Fn(&mut Store<PluginState>) -> wasmtime::Result<P>,
+        call: impl Fn(&P, &mut Store<PluginState>) -> wasmtime::Result<R>,
     ) -> Result<R, PluginFault> {
-        let mut store = new_store(
-            &self.engine,
-            &self.label,
-            job.id,
-            job.parameters.clone(),
-            preopens,
-        )?;
-        let plugin = instantiate(&mut store).map_err(PluginFault::from_error)?;
-        call(&plugin, &mut store).map_err(PluginFault::from_error)
+        let limits = &self.engine.limits;
+        let budget = match self.kind {
+            PluginKind::CleanupHook => limits.cleanup_time_budget,
+            PluginKind::RetryPolicy | PluginKind::StateFilter => limits.time_budget,
+        };
+        let _slot = self.engine.call_slot().ok_or(PluginFault::Busy)?;
+        let mut pool_retries = 0;
+        let mut timed_out = false;
+        loop {
+            let mut store = new_store(
+                &self.engine,
+                &self.label,
+                job.id,
+                job.parameters.clone(),
+                preopens,
+                budget,
+            )?;
+            let outcome = instantiate(&mut store)
+                .map_err(PluginFault::from_error)
+                .and_then(|plugin| call(&plugin, &mut store).map_err(PluginFault::from_error));
+            match outcome {
+                // The pool reuses a dropped store's memory only once its decommit batch is
+                // flushed; with a slot held, room comes back within moments.
+                Err(PluginFault::Busy) if pool_retries < POOL_RETRIES => {
+                    pool_retries += 1;
+                    drop(store);
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                // The budget is wall time: a thread the OS left waiting on a busy machine can
+                // run out of it without the plugin being at fault. A decision is a pure
+                // function, so it is asked once more; a plugin that really loops fails again.
+                Err(PluginFault::Timeout) if !timed_out && self.kind != PluginKind::CleanupHook => {
+                    timed_out = true;
+                }
+                outcome => return outcome,
+            }
+        }
     }
 
     fn wrong_world(&self) -> PluginFault {

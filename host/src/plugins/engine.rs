@@ -3,7 +3,7 @@
 
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use wasmtime::component::Linker;
@@ -18,8 +18,12 @@ const EPOCH_TICK: Duration = Duration::from_millis(1);
 /// The limits of every plugin call.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CallLimits {
-    /// Wall time a call may run before it is interrupted. Default 10 ms.
+    /// Wall time a decision (retry policy, state filter) may take before it is interrupted.
+    /// Default 10 ms.
     pub time_budget: Duration,
+    /// Wall time a cleanup hook may take: it removes files, and a run's output can be large.
+    /// Default 60 s.
+    pub cleanup_time_budget: Duration,
     /// Linear memory a call may grow to. Default 16 MiB.
     pub memory_bytes: usize,
     /// Calls that may run at once in this process (sizes the pooling allocator).
@@ -30,23 +34,24 @@ impl Default for CallLimits {
     fn default() -> Self {
         Self {
             time_budget: Duration::from_millis(10),
+            cleanup_time_budget: Duration::from_secs(60),
             memory_bytes: 16 << 20,
             concurrent_calls: 64,
         }
     }
 }
 
-impl CallLimits {
-    /// Ticks until the deadline; one more than the budget needs, since the first tick may come
-    /// at once.
-    pub fn deadline_ticks(&self) -> u64 {
-        let ticks = self.time_budget.as_nanos().div_ceil(EPOCH_TICK.as_nanos());
-        u64::try_from(ticks).unwrap_or(u64::MAX).saturating_add(1)
-    }
+/// Ticks until a deadline `budget` away; one more than the budget needs, since the first tick
+/// may come at once.
+pub fn deadline_ticks(budget: Duration) -> u64 {
+    let ticks = budget.as_nanos().div_ceil(EPOCH_TICK.as_nanos());
+    u64::try_from(ticks).unwrap_or(u64::MAX).saturating_add(1)
 }
 
 pub struct PluginEngine {
     pub engine: Engine,
+    /// One per instance the pooling allocator holds: a call waits for one rather than fail.
+    slots: CallSlots,
     /// WASI (no capabilities granted by default) and hangar's `host` interface.
     pub linker: Linker<PluginState>,
     pub limits: CallLimits,
@@ -76,15 +81,68 @@ pub fn process_engine(limits: CallLimits) -> Result<Arc<PluginEngine>, EngineErr
     Ok(Arc::clone(PROCESS_ENGINE.get_or_init(|| engine)))
 }
 
+/// How long a call waits for a free slot before the built-in policy decides instead.
+const SLOT_WAIT: Duration = Duration::from_secs(1);
+
+/// A counting semaphore for blocking threads (plugin calls are synchronous).
+struct CallSlots {
+    free: Mutex<u32>,
+    freed: Condvar,
+}
+
+/// A taken call slot, given back on drop.
+pub struct CallSlot<'a>(&'a CallSlots);
+
+impl Drop for CallSlot<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut free) = self.0.free.lock() {
+            *free += 1;
+            self.0.freed.notify_one();
+        }
+    }
+}
+
+impl CallSlots {
+    fn new(slots: u32) -> Self {
+        Self {
+            free: Mutex::new(slots),
+            freed: Condvar::new(),
+        }
+    }
+
+    fn take(&self, wait: Duration) -> Option<CallSlot<'_>> {
+        let free = self.free.lock().ok()?;
+        let (mut free, _) = self
+            .freed
+            .wait_timeout_while(free, wait, |free| *free == 0)
+            .ok()?;
+        if *free == 0 {
+            return None;
+        }
+        *free -= 1;
+        Some(CallSlot(self))
+    }
+}
+
 impl PluginEngine {
+    /// A slot for one call (one instance in the pool), waiting up to a second for one.
+    pub fn call_slot(&self) -> Option<CallSlot<'_>> {
+        self.slots.take(SLOT_WAIT)
+    }
+
     pub fn new(limits: CallLimits) -> Result<Self, EngineError> {
         let mut pooling = PoolingAllocationConfig::default();
         let slots = limits.concurrent_calls.max(4);
+        // A call instantiates one component; a Rust guest's holds a few core instances (its
+        // module and the canonical-ABI shims), one memory and a few tables. The call slots
+        // keep the component count within the pool. Memories and tables of dropped stores
+        // wait in the decommit batch before they can be reused: room for a full batch too.
+        let decommit_batch = 64;
         pooling
             .total_component_instances(slots)
-            .total_core_instances(slots * 4)
-            .total_memories(slots * 2)
-            .total_tables(slots * 4)
+            .total_core_instances(slots * 8)
+            .total_memories(slots * 2 + decommit_batch)
+            .total_tables(slots * 8 + decommit_batch * 4)
             .total_stacks(slots)
             .max_memories_per_component(2)
             .max_memory_size(limits.memory_bytes)
@@ -94,7 +152,7 @@ impl PluginEngine {
             // small, and keeping them resident saves ~15% of a call.
             .linear_memory_keep_resident(0)
             .table_keep_resident(64 << 10)
-            .decommit_batch_size(64);
+            .decommit_batch_size(decommit_batch as usize);
         let mut config = Config::new();
         config
             .wasm_component_model(true)
@@ -130,6 +188,7 @@ impl PluginEngine {
             .map_err(|e| EngineError(e.to_string()))?;
         Ok(Self {
             engine,
+            slots: CallSlots::new(slots),
             linker,
             limits,
             compatibility,

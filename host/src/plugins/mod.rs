@@ -2,18 +2,22 @@
 //! swap while everything runs.
 //!
 //! [`engine`] holds the process's wasmtime engine; [`bindings`] the generated code of the WIT
-//! worlds in `wit/`; [`adapters`] typed calls, each in a fresh [`sandbox`] store; [`registry`]
+//! worlds in `wit/`; [`adapters`] typed calls, each in a fresh [`sandbox`] store; [`artifacts`]
+//! compiled components cached on disk; [`registry`]
 //! the active version of every slot, swapped atomically when PostgreSQL says it changed;
-//! [`catalog`] uploads (validated), activations and rollbacks; [`policies`] the election
-//! pipeline that uses them, falling back to the built-in policy on any fault.
+//! [`catalog`] uploads (validated); [`switch`] activations, rollbacks and turning slots off;
+//! [`policies`] the election pipeline that uses them, falling back to the built-in policy on
+//! any fault.
 
 pub mod adapters;
+pub mod artifacts;
 mod bindings;
 pub mod catalog;
 pub mod engine;
 pub mod policies;
 pub mod registry;
 pub mod sandbox;
+pub mod switch;
 
 /// The three worlds a plugin can implement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -32,12 +36,15 @@ impl PluginKind {
         }
     }
 
-    /// The kind a slot name stands for: `retry-policy`, `state-filter/<name>` or
-    /// `cleanup-hook/<name>` (names: lowercase letters, digits, `-`).
+    /// The kind a slot name stands for: `retry-policy`, `state-filter/<name>` (names of
+    /// lowercase letters, digits and `-`, except the words of the API's paths) or
+    /// `cleanup-hook/detection` and `cleanup-hook/training` (the kinds of run).
     pub fn of_slot(slot: &str) -> Result<Self, PluginError> {
+        const RESERVED: [&str; 3] = ["versions", "rollback", "deactivate"];
         let valid_name = |name: &str| {
             !name.is_empty()
                 && name.len() <= 64
+                && !RESERVED.contains(&name)
                 && name
                     .bytes()
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
@@ -45,10 +52,11 @@ impl PluginKind {
         match slot.split_once('/') {
             None if slot == "retry-policy" => Ok(PluginKind::RetryPolicy),
             Some(("state-filter", name)) if valid_name(name) => Ok(PluginKind::StateFilter),
-            Some(("cleanup-hook", name)) if valid_name(name) => Ok(PluginKind::CleanupHook),
+            Some(("cleanup-hook", "detection" | "training")) => Ok(PluginKind::CleanupHook),
             _ => Err(PluginError::Invalid(format!(
-                "unknown slot {slot:?}: use retry-policy, state-filter/<name> or cleanup-hook/<name> \
-                 (names of lowercase letters, digits and -)"
+                "unknown slot {slot:?}: use retry-policy, state-filter/<name> (a name of \
+                 lowercase letters, digits and -, not versions, rollback or deactivate), \
+                 cleanup-hook/detection or cleanup-hook/training"
             ))),
         }
     }
@@ -67,10 +75,20 @@ pub enum PluginFault {
     Illegal(String),
     #[error("could not be set up: {0}")]
     Setup(String),
+    /// Every call slot of this server was taken for too long: the host's limit, not the
+    /// plugin's doing.
+    #[error("found no free call slot on this server")]
+    Busy,
 }
 
 impl PluginFault {
     pub fn from_error(error: wasmtime::Error) -> Self {
+        if error
+            .downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+            .is_some()
+        {
+            return PluginFault::Busy;
+        }
         if let Some(trap) = error.downcast_ref::<wasmtime::Trap>() {
             if *trap == wasmtime::Trap::Interrupt {
                 return PluginFault::Timeout;
@@ -93,7 +111,14 @@ impl PluginFault {
             PluginFault::Trap(_) => "trap",
             PluginFault::Illegal(_) => "illegal",
             PluginFault::Setup(_) => "setup",
+            PluginFault::Busy => "busy",
         }
+    }
+
+    /// Whether the plugin itself misbehaved (and the fault counts towards its rollback), as
+    /// opposed to the host failing to run it.
+    pub fn is_the_plugins(&self) -> bool {
+        !matches!(self, PluginFault::Setup(_) | PluginFault::Busy)
     }
 }
 

@@ -11,11 +11,11 @@ use arc_swap::ArcSwap;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
-use wasmtime::component::Component;
 
 use super::adapters::LoadedPlugin;
-use super::catalog::{self, AutoRollback};
+use super::artifacts::load;
 use super::engine::PluginEngine;
+use super::switch::{self, AutoRollback};
 use super::{PluginFault, PluginKind};
 use crate::storage::{plugins, StorageError};
 
@@ -147,6 +147,12 @@ impl PluginRegistry {
         Ok(match loaded {
             Ok(Ok(plugin)) => {
                 tracing::info!(plugin = %label, "plugin loaded");
+                // Activated (again): its record of faults in a row starts afresh.
+                if let Ok(mut stats) = self.stats.lock() {
+                    if let Some(entry) = stats.get_mut(label) {
+                        entry.consecutive_faults = 0;
+                    }
+                }
                 Some(Arc::new(plugin))
             }
             Ok(Err(error)) => {
@@ -218,6 +224,11 @@ impl PluginRegistry {
             }
             return;
         };
+        if !fault.is_the_plugins() {
+            drop(stats);
+            tracing::warn!(plugin = %plugin.label, fault = fault.class(), reason = %fault, "plugin could not be called; the built-in policy decided instead");
+            return;
+        }
         self.total_faults
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         entry.faults += 1;
@@ -226,13 +237,15 @@ impl PluginRegistry {
         let count = entry.consecutive_faults;
         drop(stats);
         tracing::warn!(plugin = %plugin.label, fault = fault.class(), reason = %fault, consecutive = count, "plugin fault; the built-in policy decided instead");
-        if count == self.fault_limit {
+        // Every `fault_limit` faults in a row, not once: a rollback that failed (the database
+        // was away) is tried again, and so is one that another server's activation undid.
+        if count % self.fault_limit == 0 {
             let pool = self.pool.clone();
             let channel = self.channel.clone();
             let label = plugin.label.clone();
             let reason = format!("{} consecutive faults, the last: {fault}", self.fault_limit);
             tokio::spawn(async move {
-                match catalog::rollback_faulty(&pool, &channel, &label, &reason).await {
+                match switch::rollback_faulty(&pool, &channel, &label, &reason).await {
                     Ok(AutoRollback::Restored(version)) => {
                         tracing::error!(plugin = %label, restored = version, %reason, "plugin rolled back automatically")
                     }
@@ -285,52 +298,6 @@ impl PluginRegistry {
             }
         }
     }
-}
-
-/// Why a component could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    #[error("{0}")]
-    Compile(String),
-    #[error("{0}")]
-    Link(String),
-}
-
-/// Compiles (or takes from the cache) and links one plugin.
-pub fn load(
-    engine: Arc<PluginEngine>,
-    kind: PluginKind,
-    label: String,
-    sha256: &str,
-    bytes: &[u8],
-    cache_dir: &std::path::Path,
-) -> Result<LoadedPlugin, LoadError> {
-    let cached = cache_dir.join(format!("{sha256}-{}.cwasm", engine.compatibility));
-    let from_cache = cached.is_file().then(|| {
-        // SAFETY: the file was written by `precompile_component` of an engine with the same
-        // compatibility hash, in hangar's own cache directory (renamed into place whole).
-        unsafe { Component::deserialize_file(&engine.engine, &cached) }
-    });
-    let component = match from_cache {
-        Some(Ok(component)) => component,
-        // Missing, or unreadable (truncated by a full disk...): compile afresh.
-        _ => {
-            let compiled = engine
-                .engine
-                .precompile_component(bytes)
-                .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
-            if std::fs::create_dir_all(cache_dir).is_ok() {
-                let partial = cached.with_extension(format!("{}.partial", std::process::id()));
-                if std::fs::write(&partial, &compiled).is_ok() {
-                    let _ = std::fs::rename(&partial, &cached);
-                }
-            }
-            // SAFETY: these bytes were just produced by this engine's `precompile_component`.
-            unsafe { Component::deserialize(&engine.engine, &compiled) }
-                .map_err(|e| LoadError::Compile(format!("{e:#}")))?
-        }
-    };
-    LoadedPlugin::link(engine, kind, label, &component).map_err(LoadError::Link)
 }
 
 /// The registry a server with `config` uses, on the process's engine.

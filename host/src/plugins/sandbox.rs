@@ -47,6 +47,7 @@ pub fn new_store(
     job_id: i64,
     parameters: BTreeMap<String, String>,
     preopens: &[Preopen],
+    budget: std::time::Duration,
 ) -> Result<Store<PluginState>, PluginFault> {
     let mut wasi = WasiCtxBuilder::new();
     // File operations run on the calling thread (a blocking one), not through a runtime.
@@ -75,6 +76,6 @@ pub fn new_store(
         },
     );
     store.limiter(|state| &mut state.limits);
-    store.set_epoch_deadline(engine.limits.deadline_ticks());
+    store.set_epoch_deadline(super::engine::deadline_ticks(budget));
     Ok(store)
 }

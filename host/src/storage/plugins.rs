@@ -82,8 +82,8 @@ pub async fn version_with_sha256(
     .await?)
 }
 
-/// Makes `version` the active one of its slot (locking the slot's rows first so concurrent
-/// activations serialise). Returns false when no such version exists.
+/// Makes `version` the active one of its slot (the caller holds [`lock_slot`]). Returns false
+/// when no such version exists.
 pub async fn activate(
     conn: &mut PgConnection,
     slot: &str,
@@ -92,10 +92,6 @@ pub async fn activate(
     actor: &str,
     reason: Option<&str>,
 ) -> Result<bool> {
-    sqlx::query("SELECT version FROM plugins WHERE slot = $1 FOR UPDATE")
-        .bind(slot)
-        .execute(&mut *conn)
-        .await?;
     let exists: Option<i32> =
         sqlx::query_scalar("SELECT version FROM plugins WHERE slot = $1 AND version = $2")
             .bind(slot)
@@ -137,26 +133,28 @@ pub async fn active_version(conn: &mut PgConnection, slot: &str) -> Result<Optio
     )
 }
 
-/// The version that was active before the current one: the latest activation of another
-/// version, before the current version's latest activation.
-pub async fn previous_version(
-    conn: &mut PgConnection,
-    slot: &str,
-    current: i32,
-) -> Result<Option<i32>> {
-    Ok(sqlx::query_scalar(
-        "SELECT e.version FROM plugin_events e
-         WHERE e.slot = $1 AND e.event IN ('activated', 'rolled back', 'rolled back automatically')
-           AND e.version <> $2
-           AND e.id < (SELECT max(id) FROM plugin_events
-                       WHERE slot = $1 AND version = $2
-                         AND event IN ('activated', 'rolled back', 'rolled back automatically'))
-         ORDER BY e.id DESC LIMIT 1",
+/// The slot's switches in order: (event, version) for every activation, rollback and
+/// deactivation. The catalog replays them to find what was active before.
+pub async fn switches(conn: &mut PgConnection, slot: &str) -> Result<Vec<(String, Option<i32>)>> {
+    Ok(sqlx::query_as(
+        "SELECT event, version FROM plugin_events
+         WHERE slot = $1
+           AND event IN ('activated', 'rolled back', 'rolled back automatically', 'deactivated')
+         ORDER BY id",
     )
     .bind(slot)
-    .bind(current)
-    .fetch_optional(conn)
+    .fetch_all(conn)
     .await?)
+}
+
+/// Serialises every change to `slot` (uploads, activations, rollbacks) until the transaction
+/// ends, also when the slot has no row yet.
+pub async fn lock_slot(conn: &mut PgConnection, slot: &str) -> Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || '/' || $1, 0))")
+        .bind(slot)
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 /// Turns a slot off (no version active: the built-in policy decides).
