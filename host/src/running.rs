@@ -82,6 +82,7 @@ impl RunningJobs {
     /// `sent_at`; jobs started before `sent_at` that are not held any more were rescued or
     /// released behind our back and are stopped.
     pub fn renewed(&self, sent_at: Instant, held: &[(JobId, i32)]) {
+        let held: std::collections::HashSet<&(JobId, i32)> = held.iter().collect();
         let mut jobs = self.lock();
         for (id, job) in jobs.iter_mut() {
             if held.contains(&(*id, job.attempt)) {

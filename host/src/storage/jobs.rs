@@ -274,6 +274,14 @@ pub async fn end_attempts(
              SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::text[],
                                   $6::jsonb[], $7::timestamptz[], $8::int[])
                  AS d(id, attempt, owner, state, reason, data, scheduled_at, failures)
+         ), locked AS (
+             -- Rows are locked in id order, as the lease renewal locks them: the two never
+             -- deadlock on a server's jobs.
+             SELECT j.id FROM jobs j JOIN decided d ON j.id = d.id
+             WHERE j.attempt = d.attempt AND j.lease_owner = d.owner AND j.state = 'processing'
+               AND (NOT $9 OR j.lease_expires_at < now())
+             ORDER BY j.id
+             FOR NO KEY UPDATE OF j
          ), applied AS (
              UPDATE jobs j
              SET state = d.state, lease_owner = NULL, lease_expires_at = NULL,
@@ -281,7 +289,7 @@ pub async fn end_attempts(
                  updated_at = now(),
                  finished_at = CASE WHEN d.state IN ('succeeded', 'failed', 'deleted')
                                     THEN now() END
-             FROM decided d
+             FROM decided d JOIN locked l ON l.id = d.id
              WHERE j.id = d.id AND j.attempt = d.attempt AND j.lease_owner = d.owner
                AND j.state = 'processing' AND (NOT $9 OR j.lease_expires_at < now())
              RETURNING j.id, j.kind, j.attempt, j.state, j.queue
@@ -361,10 +369,18 @@ pub async fn renew_leases(
     let ids: Vec<JobId> = held.iter().map(|(id, _)| *id).collect();
     let attempts: Vec<i32> = held.iter().map(|(_, attempt)| *attempt).collect();
     let renewed = sqlx::query_as(
-        "UPDATE jobs SET lease_expires_at = now() + $2 * interval '1 millisecond'
-         FROM unnest($3::bigint[], $4::int[]) AS held(id, attempt)
-         WHERE jobs.id = held.id AND jobs.attempt = held.attempt
-           AND jobs.lease_owner = $1 AND jobs.state = 'processing'
+        "WITH locked AS (
+             -- In id order, as the completer locks them (see end_attempts).
+             SELECT j.id FROM jobs j
+             JOIN unnest($3::bigint[], $4::int[]) AS held(id, attempt)
+               ON j.id = held.id AND j.attempt = held.attempt
+             WHERE j.lease_owner = $1 AND j.state = 'processing'
+             ORDER BY j.id
+             FOR NO KEY UPDATE OF j
+         )
+         UPDATE jobs SET lease_expires_at = now() + $2 * interval '1 millisecond'
+         FROM locked
+         WHERE jobs.id = locked.id AND jobs.lease_owner = $1 AND jobs.state = 'processing'
          RETURNING jobs.id, jobs.attempt",
     )
     .bind(owner)
