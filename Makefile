@@ -30,6 +30,8 @@ demo: mmdet plugins
 	bash scripts/demo.sh
 
 lint: wasm-target
+	bash -n scripts/demo.sh
+	bash -n python/install-mmdet.sh
 	$(CARGO) fmt --all -- --check
 	$(CARGO) fmt $(PLUGINS) --all -- --check
 	$(CARGO) fmt $(EXAMPLE) -- --check

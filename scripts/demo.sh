@@ -67,7 +67,8 @@ wasm=$repo/plugins/target/wasm32-wasip2/release
 "$hangar" plugin push --slot cleanup-hook/detection "$wasm/detection_cleanup.wasm" --activate --actor demo
 "$hangar" plugin list
 
-say "Training RTMDet-tiny on it through hangar ($epochs epochs on ${HANGAR_DEVICE_HINT:-this machine's device})"
+device_hint=${HANGAR_DEVICE_HINT:-this machine}
+say "Training RTMDet-tiny on it through hangar ($epochs epochs on $device_hint)"
 training=$(api POST /v1/training-runs -d "{\"name\": \"demo training\", \"dataset_path\": \"$demo/dataset\", \"epochs\": $epochs, \"frozen_stages\": 0}")
 training_id=$(json "d['id']" <<<"$training")
 training=$(wait_run training-runs "$training_id")
@@ -89,9 +90,10 @@ if [ "$(json "d['status']" <<<"$run")" != Success ]; then
 fi
 
 say "Detections of run $run_id"
-"$python" - "$demo/scene.png.truth.json" <<<"$run" <<'PY'
-import json, sys
-run = json.load(sys.stdin)
+# The run goes in through the environment: the program itself is Python's stdin.
+RUN_JSON=$run "$python" - "$demo/scene.png.truth.json" <<'PY'
+import json, os, sys
+run = json.loads(os.environ["RUN_JSON"])
 truth = json.load(open(sys.argv[1]))["objects"]
 
 def iou(a, b):
@@ -115,4 +117,5 @@ PY
 echo
 echo "stdout/stderr of the driver: .hangar/logs/succ_$run_id.txt, .hangar/logs/error_$run_id.txt"
 echo "output folder:               .hangar/detections/$run_id/detection_bboxes.json"
-echo "job details:                 curl -H 'Authorization: Bearer $token' $url/v1/jobs/$(json "d['job_id']" <<<"$run")"
+echo "job details:                 $hangar job show $(json "d['job_id']" <<<"$run")"
+echo "plugins:                     $hangar plugin list"

@@ -240,6 +240,9 @@ impl EmbeddedPostgres {
             if let Some(stopped) = self.stopped.take() {
                 let _ = stopped.recv_timeout(Duration::from_secs(30));
             }
+            // The postmaster removed its socket; its private directory goes too (only if empty:
+            // another cluster never shares it, but never remove what is not ours).
+            let _ = std::fs::remove_dir(&self.socket_dir);
             tracing::info!(data_dir = %self.data_dir.display(), "embedded PostgreSQL stopped");
         }
     }

@@ -155,10 +155,10 @@ enum JobCommand {
 #[path = "../bench.rs"]
 mod hangar_bench;
 
-fn init_tracing() {
+/// Logs to stderr; `default` is the filter when `HANGAR_LOG` is not set.
+fn init_tracing(default: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_env("HANGAR_LOG").unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    let filter = EnvFilter::try_from_env("HANGAR_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -176,8 +176,12 @@ async fn main() -> std::process::ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    init_tracing();
     let cli = Cli::parse();
+    // A server (and the benchmark) says what it does; a one-shot command only what went wrong.
+    init_tracing(match cli.command {
+        Command::Serve { .. } | Command::Bench(_) | Command::Mmdet { .. } => "info,sqlx=warn",
+        _ => "warn",
+    });
     match run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
