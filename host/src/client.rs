@@ -142,7 +142,8 @@ impl Client {
         let id = jobs::insert(&mut tx, job, JobState::Awaiting, None, "awaiting parent").await?;
         jobs::insert_continuation(&mut tx, parent, id, option).await?;
         if parent_state.is_final() {
-            let queues = resolve_continuations_transitively(&mut tx, vec![parent]).await?;
+            let queues =
+                resolve_continuations_transitively(&mut tx, vec![(parent, parent_state)]).await?;
             let queues: Vec<&str> = queues.iter().map(String::as_str).collect();
             jobs::notify_queues(&mut tx, &self.channel, &queues).await?;
         }
@@ -181,7 +182,7 @@ impl Client {
             Some(JobState::Processing) => return Err(ClientError::Processing(id)),
             Some(_) => {}
         }
-        resolve_continuations_transitively(&mut tx, vec![id]).await?;
+        resolve_continuations_transitively(&mut tx, vec![(id, JobState::Deleted)]).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -252,7 +253,7 @@ impl Client {
 /// child's own children are deleted too). Returns the queues of the children enqueued.
 pub async fn resolve_continuations_transitively(
     conn: &mut sqlx::PgConnection,
-    mut parents: Vec<JobId>,
+    mut parents: Vec<(JobId, JobState)>,
 ) -> std::result::Result<Vec<String>, StorageError> {
     let mut enqueued = Vec::new();
     while !parents.is_empty() {
@@ -260,7 +261,7 @@ pub async fn resolve_continuations_transitively(
         parents.clear();
         for child in resolved {
             if child.state == JobState::Deleted.as_str() {
-                parents.push(child.id);
+                parents.push((child.id, JobState::Deleted));
             } else {
                 enqueued.push(child.queue);
             }

@@ -181,10 +181,10 @@ pub async fn apply_ends(
 ) -> Result<Vec<EndedAttempt>, StorageError> {
     let mut tx = context.pool.begin().await?;
     let ended = jobs::end_attempts(&mut tx, ends, only_expired).await?;
-    let finished: Vec<JobId> = ended
+    let finished: Vec<(JobId, JobState)> = ended
         .iter()
-        .filter(|e| JobState::parse(&e.state).is_some_and(JobState::is_final))
-        .map(|e| e.id)
+        .filter_map(|e| Some((e.id, JobState::parse(&e.state)?)))
+        .filter(|(_, state)| state.is_final())
         .collect();
     let mut wake: Vec<String> = ended
         .iter()

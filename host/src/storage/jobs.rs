@@ -194,19 +194,22 @@ pub async fn fetch(
              SELECT candidate.id
              FROM unnest($2::text[], $3::int[]) WITH ORDINALITY AS q(name, quota, ordinal)
              CROSS JOIN LATERAL (
-                 SELECT id FROM jobs
+                 -- The partial index jobs_ready, in the order jobs became ready.
+                 SELECT id, updated_at FROM jobs
                  WHERE state = 'enqueued' AND queue = q.name
-                 ORDER BY id
+                 ORDER BY updated_at, id
                  LIMIT q.quota
                  FOR UPDATE SKIP LOCKED
              ) candidate
-             ORDER BY q.ordinal, candidate.id
+             ORDER BY q.ordinal, candidate.updated_at, candidate.id
              LIMIT $4
          ), started AS (
+             -- `= ANY(ARRAY(...))` is looked up by primary key; a join with the CTE may be
+             -- planned as a hash of the whole table.
              UPDATE jobs SET state = 'processing', attempt = jobs.attempt + 1, lease_owner = $1,
                              lease_expires_at = now() + $5 * interval '1 millisecond',
                              scheduled_at = NULL, updated_at = now()
-             FROM picked WHERE jobs.id = picked.id
+             WHERE jobs.id = ANY(ARRAY(SELECT id FROM picked))
              RETURNING jobs.id, jobs.kind, jobs.args, jobs.queue, jobs.attempt, jobs.failures,
                        jobs.timeout_ms, jobs.created_at
          ), history AS (
@@ -322,17 +325,21 @@ pub struct ResolvedChild {
     pub queue: String,
 }
 
-/// Moves the awaiting children of `parents` that reached a final state: to Enqueued when the
-/// parent's state matches the option, else to Deleted. Run in its own statement after the
-/// parents' update so it sees continuations committed while the parents were locked.
+/// Moves the awaiting children of `parents`, which reached the given final states: to
+/// Enqueued when the parent's state matches the option, else to Deleted. Run in its own
+/// statement after the parents' update so it sees continuations committed while the parents
+/// were locked. The states come from the caller, who just wrote them: the parents (a whole
+/// batch of completions) are not read again, only the continuations table is.
 pub async fn resolve_continuations(
     conn: &mut PgConnection,
-    parents: &[JobId],
+    parents: &[(JobId, JobState)],
 ) -> Result<Vec<ResolvedChild>> {
+    let ids: Vec<JobId> = parents.iter().map(|(id, _)| *id).collect();
+    let states: Vec<&str> = parents.iter().map(|(_, state)| state.as_str()).collect();
     let children = sqlx::query_as(
         "WITH parents AS (
-             SELECT id, state FROM jobs
-             WHERE id = ANY($1) AND state IN ('succeeded', 'failed', 'deleted')
+             SELECT * FROM unnest($1::bigint[], $2::text[]) AS p(id, state)
+             WHERE p.state IN ('succeeded', 'failed', 'deleted')
          ), resolved AS (
              UPDATE jobs c
              SET state = CASE WHEN p.state = 'succeeded'
@@ -352,7 +359,8 @@ pub async fn resolve_continuations(
          )
          SELECT id, state, queue FROM resolved",
     )
-    .bind(parents)
+    .bind(&ids)
+    .bind(&states)
     .fetch_all(conn)
     .await?;
     Ok(children)
