@@ -11,7 +11,9 @@ use std::time::Duration;
 use hangar::plugins::{catalog, switch};
 use hangar::state::NewJob;
 use support::plugins::plugin_wasm;
-use support::plugins::{activate, enqueue_with, push, registry, server_with_plugins, wait_active};
+use support::plugins::{
+    activate, enqueue_with, push, registry, server_with_plugins, store_unvalidated, wait_active,
+};
 use support::{wait_all_succeeded, wait_for, wait_for_state, TestDb};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -197,13 +199,7 @@ async fn a_plugin_that_faults_at_run_time_is_overruled_and_then_rolled_back() {
     activate(&db, "retry-policy", good).await;
     // The infinite loop never passes validation, so it is stored behind hangar's back (as a
     // plugin that only misbehaves on some inputs would be).
-    let bomb = std::fs::read(plugin_wasm("test-loop-forever")).expect("component");
-    let mut conn = db.pool.acquire().await.expect("conn");
-    let bad =
-        hangar::storage::plugins::insert(&mut conn, "retry-policy", "0badc0de", &bomb, "attacker")
-            .await
-            .expect("insert");
-    drop(conn);
+    let bad = store_unvalidated(&db, "retry-policy", "test-loop-forever").await;
     activate(&db, "retry-policy", bad).await;
     let server = server_with_plugins(&db, config.clone(), Arc::clone(&plugins)).await;
     wait_active(&plugins, &format!("retry-policy@{bad}#")).await;
@@ -334,12 +330,7 @@ async fn state_filters_run_in_the_configured_order_and_hear_what_was_applied() {
     activate(&db, "state-filter/delete-failing", filter).await;
     // A filter that answers something illegal never passes validation; stored behind
     // hangar's back, it is overruled on every call.
-    let bad = std::fs::read(plugin_wasm("test-bad-answer")).expect("component");
-    let mut conn = db.pool.acquire().await.expect("conn");
-    let bad = hangar::storage::plugins::insert(&mut conn, "state-filter/a-bad", "0bad", &bad, "x")
-        .await
-        .expect("insert");
-    drop(conn);
+    let bad = store_unvalidated(&db, "state-filter/a-bad", "test-bad-answer").await;
     activate(&db, "state-filter/a-bad", bad).await;
     let server = server_with_plugins(&db, config.clone(), Arc::clone(&plugins)).await;
     let order = wait_for("both filters", Duration::from_secs(5), || async {

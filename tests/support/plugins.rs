@@ -87,6 +87,17 @@ pub async fn push(db: &TestDb, registry: &PluginRegistry, slot: &str, plugin: &s
     .version
 }
 
+/// Stores a component as the next version of `slot` without validation (as a plugin that only
+/// misbehaves on some inputs would get through it); returns the version.
+pub async fn store_unvalidated(db: &TestDb, slot: &str, plugin: &str) -> i32 {
+    let bytes = std::fs::read(plugin_wasm(plugin)).expect("component");
+    let sha256 = format!("unvalidated-{plugin}");
+    let mut conn = db.pool.acquire().await.expect("conn");
+    hangar::storage::plugins::insert(&mut conn, slot, &sha256, &bytes, "attacker")
+        .await
+        .expect("insert")
+}
+
 /// Enqueues a job of `kind` with `parameters`, in one transaction (so no attempt can start
 /// before the parameters are there).
 pub async fn enqueue_with(db: &TestDb, kind: &str, parameters: &[(&str, &str)]) -> i64 {
