@@ -1,7 +1,8 @@
 //! The sandbox of plugin calls: malicious or broken uploads are refused with a reason (an
 //! infinite loop, a memory bomb, the wrong world, an illegal answer, random bytes) while the
 //! host keeps serving; a cleanup hook removes exactly a run's files and cannot reach outside
-//! its preopened directory, through `..` or a symbolic link.
+//! its preopened directory, through `..` or a symbolic link; and no call sees what an earlier
+//! one left in a pool slot.
 
 mod support;
 
@@ -336,4 +337,58 @@ async fn more_calls_at_once_than_the_pool_holds_wait_instead_of_failing() {
         failed, 0,
         "16 threads on 4 slots: every call waits its turn"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_starts_from_a_fresh_instance_however_often_its_slot_is_reused() {
+    // A small pool, so that each slot serves many calls; the guest counts its calls in its
+    // memory image and marks 512 KiB of zeroed memory, more than a slot keeps resident.
+    let engine = Arc::new(
+        PluginEngine::new(CallLimits {
+            concurrent_calls: 4,
+            time_budget: std::time::Duration::from_secs(30),
+            ..CallLimits::default()
+        })
+        .expect("engine"),
+    );
+    let bytes = std::fs::read(plugin_wasm("test-remembers")).expect("component");
+    let component = wasmtime::component::Component::new(&engine.engine, bytes).expect("compile");
+    let plugin = Arc::new(
+        LoadedPlugin::link(
+            Arc::clone(&engine),
+            PluginKind::RetryPolicy,
+            "remembers".into(),
+            &component,
+        )
+        .expect("link"),
+    );
+    let callers: Vec<_> = (0..4)
+        .map(|n| {
+            let plugin = Arc::clone(&plugin);
+            std::thread::spawn(move || {
+                let parameters = std::collections::BTreeMap::new();
+                let job = hangar::plugins::adapters::PolicyJob {
+                    id: n,
+                    kind: "k",
+                    queue: "default",
+                    attempt: 1,
+                    failures: 1,
+                    parameters: &parameters,
+                };
+                let error = hangar::state::JobError::new("E", "boom");
+                (0..100)
+                    .map(|_| plugin.decide(&job, &error).expect("decision"))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    for caller in callers {
+        for decision in caller.join().expect("caller") {
+            assert_eq!(
+                decision,
+                hangar::election::RetryDecision::RetryAfter(std::time::Duration::from_millis(1001)),
+                "a call saw what an earlier one left in its slot"
+            );
+        }
+    }
 }

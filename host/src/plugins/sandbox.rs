@@ -14,7 +14,10 @@ use super::PluginFault;
 
 /// What a plugin call's store holds.
 pub struct PluginState {
-    wasi: WasiCtx,
+    /// Built on the guest's first WASI call: a decision that imports no WASI (a `no_std`
+    /// plugin) or does not call it never pays for a context (its random sources are seeded
+    /// per context).
+    wasi: Option<WasiCtx>,
     table: ResourceTable,
     limits: StoreLimits,
     /// "name@version", for logs.
@@ -27,7 +30,9 @@ pub struct PluginState {
 impl WasiView for PluginState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {
-            ctx: &mut self.wasi,
+            ctx: self
+                .wasi
+                .get_or_insert_with(|| WasiCtxBuilder::new().build()),
             table: &mut self.table,
         }
     }
@@ -49,13 +54,20 @@ pub fn new_store(
     preopens: &[Preopen],
     budget: std::time::Duration,
 ) -> Result<Store<PluginState>, PluginFault> {
-    let mut wasi = WasiCtxBuilder::new();
-    // File operations run on the calling thread (a blocking one), not through a runtime.
-    wasi.allow_blocking_current_thread(true);
-    for dir in preopens {
-        wasi.preopened_dir(&dir.host, &dir.guest, FsPerms::ReadWrite)
-            .map_err(|e| PluginFault::Setup(format!("preopen {}: {e}", dir.host.display())))?;
-    }
+    // A cleanup hook's context holds its run's directories; a decision's is built when first
+    // used, with nothing in it.
+    let wasi = if preopens.is_empty() {
+        None
+    } else {
+        let mut wasi = WasiCtxBuilder::new();
+        // File operations run on the calling thread (a blocking one), not through a runtime.
+        wasi.allow_blocking_current_thread(true);
+        for dir in preopens {
+            wasi.preopened_dir(&dir.host, &dir.guest, FsPerms::ReadWrite)
+                .map_err(|e| PluginFault::Setup(format!("preopen {}: {e}", dir.host.display())))?;
+        }
+        Some(wasi.build())
+    };
     let limits = StoreLimitsBuilder::new()
         .memory_size(engine.limits.memory_bytes)
         .instances(4)
@@ -67,7 +79,7 @@ pub fn new_store(
     let mut store = Store::new(
         &engine.engine,
         PluginState {
-            wasi: wasi.build(),
+            wasi,
             table: ResourceTable::new(),
             limits,
             label: label.to_owned(),
