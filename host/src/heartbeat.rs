@@ -50,7 +50,7 @@ pub async fn run_heartbeat(
         )
         .await
         {
-            Ok(held) => running.renewed(sent_at, &held),
+            Ok(renewal) => running.renewed(sent_at, &renewal),
             Err(error) => {
                 tracing::warn!(%error, server = %server_id, "heartbeat failed; leases not renewed")
             }
@@ -64,7 +64,7 @@ async fn renew(
     held: &[(i64, i32)],
     lease_ms: i64,
     budget: Duration,
-) -> Result<Vec<(i64, i32)>, StorageError> {
+) -> Result<jobs::LeaseRenewal, StorageError> {
     let mut tx = pool.begin().await?;
     // A renewal that takes longer than a heartbeat is useless: give up and let the next one try.
     crate::storage::set_local_statement_timeout(&mut tx, budget).await?;

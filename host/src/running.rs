@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use crate::executor::{CancelReason, JobCancellation};
 use crate::state::JobId;
+use crate::storage::jobs::LeaseRenewal;
 
 #[derive(Debug)]
 struct RunningJob {
@@ -78,16 +79,19 @@ impl RunningJobs {
         self.len() == 0
     }
 
-    /// After a renewal sent at `sent_at` returned `held`: those leases now count from
-    /// `sent_at`; jobs started before `sent_at` that are not held any more were rescued or
-    /// released behind our back and are stopped.
-    pub fn renewed(&self, sent_at: Instant, held: &[(JobId, i32)]) {
-        let held: std::collections::HashSet<&(JobId, i32)> = held.iter().collect();
+    /// After a renewal sent at `sent_at`: renewed leases now count from `sent_at`; jobs
+    /// started before `sent_at` that are `lost` were rescued or released behind our back and
+    /// are stopped. The rest keep their lease basis (the watchdog stops them in time if no
+    /// renewal reaches them).
+    pub fn renewed(&self, sent_at: Instant, renewal: &LeaseRenewal) {
+        let renewed: std::collections::HashSet<&(JobId, i32)> = renewal.renewed.iter().collect();
+        let lost: std::collections::HashSet<&(JobId, i32)> = renewal.lost.iter().collect();
         let mut jobs = self.lock();
         for (id, job) in jobs.iter_mut() {
-            if held.contains(&(*id, job.attempt)) {
+            let key = (*id, job.attempt);
+            if renewed.contains(&key) {
                 job.lease_basis = job.lease_basis.max(sent_at);
-            } else if job.lease_basis < sent_at {
+            } else if lost.contains(&key) && job.lease_basis < sent_at {
                 tracing::warn!(
                     job_id = id,
                     attempt = job.attempt,
@@ -118,5 +122,55 @@ impl RunningJobs {
         for job in self.lock().values() {
             job.cancellation.cancel(reason);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+
+    #[test]
+    fn a_renewal_extends_what_it_renewed_stops_what_was_lost_and_leaves_the_rest() {
+        let running = RunningJobs::default();
+        let server_stop = CancellationToken::new();
+        let fetched_at = Instant::now();
+        let cancellations: Vec<JobCancellation> = (1..=3)
+            .map(|id| {
+                let cancellation = JobCancellation::child_of(&server_stop);
+                running.insert(id, 1, cancellation.clone(), fetched_at);
+                cancellation
+            })
+            .collect();
+        let sent_at = fetched_at + Duration::from_secs(10);
+        // Job 3 was locked by another writer: neither renewed nor lost.
+        running.renewed(
+            sent_at,
+            &LeaseRenewal {
+                renewed: vec![(1, 1)],
+                lost: vec![(2, 1)],
+            },
+        );
+        let reasons: Vec<Option<CancelReason>> =
+            cancellations.iter().map(JobCancellation::reason).collect();
+        assert_eq!(reasons, [None, Some(CancelReason::LeaseLost), None]);
+        // Counting from the fetch, 15 s on: job 3's lease basis is too old, job 1's is not.
+        running.stop_expiring(
+            fetched_at + Duration::from_secs(15),
+            Duration::from_secs(12),
+        );
+        let reasons: Vec<Option<CancelReason>> =
+            cancellations.iter().map(JobCancellation::reason).collect();
+        assert_eq!(
+            reasons,
+            [
+                None,
+                Some(CancelReason::LeaseLost),
+                Some(CancelReason::LeaseLost)
+            ]
+        );
     }
 }

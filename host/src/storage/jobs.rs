@@ -272,50 +272,77 @@ pub async fn end_attempts(
     let data: Vec<&serde_json::Value> = ends.iter().map(|e| &e.data).collect();
     let scheduled: Vec<Option<DateTime<Utc>>> = ends.iter().map(|e| e.scheduled_at).collect();
     let failures: Vec<i32> = ends.iter().map(|e| i32::from(e.failed)).collect();
-    let ended = sqlx::query_as(
-        "WITH decided AS (
-             SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::text[],
-                                  $6::jsonb[], $7::timestamptz[], $8::int[])
-                 AS d(id, attempt, owner, state, reason, data, scheduled_at, failures)
-         ), locked AS (
-             -- Rows are locked in id order, as the lease renewal locks them: the two never
-             -- deadlock on a server's jobs.
-             SELECT j.id FROM jobs j JOIN decided d ON j.id = d.id
-             WHERE j.attempt = d.attempt AND j.lease_owner = d.owner AND j.state = 'processing'
-               AND (NOT $9 OR j.lease_expires_at < now())
-             ORDER BY j.id
-             FOR NO KEY UPDATE OF j
-         ), applied AS (
-             UPDATE jobs j
-             SET state = d.state, lease_owner = NULL, lease_expires_at = NULL,
-                 scheduled_at = d.scheduled_at, failures = j.failures + d.failures,
-                 updated_at = now(),
-                 finished_at = CASE WHEN d.state IN ('succeeded', 'failed', 'deleted')
-                                    THEN now() END
-             FROM decided d JOIN locked l ON l.id = d.id
-             WHERE j.id = d.id AND j.attempt = d.attempt AND j.lease_owner = d.owner
-               AND j.state = 'processing' AND (NOT $9 OR j.lease_expires_at < now())
-             RETURNING j.id, j.kind, j.attempt, j.state, j.queue
-         ), history AS (
-             INSERT INTO job_states (job_id, state, attempt, reason, data)
-             SELECT a.id, a.state, a.attempt, d.reason, d.data
-             FROM applied a JOIN decided d ON d.id = a.id
-         )
-         SELECT id, kind, state, queue FROM applied",
-    )
-    .bind(&ids)
-    .bind(&attempts)
-    .bind(&owners)
-    .bind(&states)
-    .bind(&reasons)
-    .bind(&data)
-    .bind(&scheduled)
-    .bind(&failures)
-    .bind(only_expired)
-    .fetch_all(conn)
-    .await?;
+    let statement = if only_expired {
+        END_EXPIRED_ATTEMPTS
+    } else {
+        END_OWN_ATTEMPTS
+    };
+    let ended = sqlx::query_as(statement)
+        .bind(&ids)
+        .bind(&attempts)
+        .bind(&owners)
+        .bind(&states)
+        .bind(&reasons)
+        .bind(&data)
+        .bind(&scheduled)
+        .bind(&failures)
+        .fetch_all(conn)
+        .await?;
     Ok(ended)
 }
+
+/// The owner's completer ends the attempts it ran: one pass over the rows, each updated where
+/// its fence still holds. It may wait for a row's lock (a rescuer's, a run's writer), but no
+/// writer of processing rows waits for it in turn: lease renewals and rescues skip locked
+/// rows, so there is no deadlock for it to be part of.
+const END_OWN_ATTEMPTS: &str = "
+    WITH applied AS (
+        UPDATE jobs j
+        SET state = d.state, lease_owner = NULL, lease_expires_at = NULL,
+            scheduled_at = d.scheduled_at, failures = j.failures + d.failures,
+            updated_at = now(),
+            finished_at = CASE WHEN d.state IN ('succeeded', 'failed', 'deleted') THEN now() END
+        FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::text[], $6::jsonb[],
+                    $7::timestamptz[], $8::int[])
+            AS d(id, attempt, owner, state, reason, data, scheduled_at, failures)
+        WHERE j.id = d.id AND j.attempt = d.attempt AND j.lease_owner = d.owner
+          AND j.state = 'processing'
+        RETURNING j.id, j.kind, j.attempt, j.state, j.queue, d.reason, d.data
+    ), history AS (
+        INSERT INTO job_states (job_id, state, attempt, reason, data)
+        SELECT id, state, attempt, reason, data FROM applied
+    )
+    SELECT id, kind, state, queue FROM applied";
+
+/// The rescuer ends attempts whose lease ran out. It skips rows another transaction holds
+/// (their owner's completer is ending them, or another rescuer): those are either ended
+/// meanwhile or still expired at the next round.
+const END_EXPIRED_ATTEMPTS: &str = "
+    WITH decided AS (
+        SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::text[],
+                             $6::jsonb[], $7::timestamptz[], $8::int[])
+            AS d(id, attempt, owner, state, reason, data, scheduled_at, failures)
+    ), locked AS (
+        SELECT j.id FROM jobs j JOIN decided d ON j.id = d.id
+        WHERE j.attempt = d.attempt AND j.lease_owner = d.owner AND j.state = 'processing'
+          AND j.lease_expires_at < now()
+        FOR NO KEY UPDATE OF j SKIP LOCKED
+    ), applied AS (
+        UPDATE jobs j
+        SET state = d.state, lease_owner = NULL, lease_expires_at = NULL,
+            scheduled_at = d.scheduled_at, failures = j.failures + d.failures,
+            updated_at = now(),
+            finished_at = CASE WHEN d.state IN ('succeeded', 'failed', 'deleted') THEN now() END
+        FROM decided d JOIN locked l ON l.id = d.id
+        -- The fence again, though the rows are locked: cheap, and it keeps the rule visible.
+        WHERE j.id = d.id AND j.attempt = d.attempt AND j.lease_owner = d.owner
+          AND j.state = 'processing'
+        RETURNING j.id, j.kind, j.attempt, j.state, j.queue, d.reason, d.data
+    ), history AS (
+        INSERT INTO job_states (job_id, state, attempt, reason, data)
+        SELECT id, state, attempt, reason, data FROM applied
+    )
+    SELECT id, kind, state, queue FROM applied";
 
 /// A continuation moved out of Awaiting.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -366,30 +393,49 @@ pub async fn resolve_continuations(
     Ok(children)
 }
 
-/// Renews the leases of the given attempts, as long as `owner` still holds them; returns the
-/// (id, attempt) it still holds.
+/// What a lease renewal found for the attempts a server holds.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LeaseRenewal {
+    /// Renewed: their leases now run from the renewal.
+    pub renewed: Vec<(JobId, i32)>,
+    /// No longer held by the server (rescued, released or ended behind its back).
+    pub lost: Vec<(JobId, i32)>,
+    // The rest are still held but were locked by another writer (the completer ending them,
+    // say): not renewed this time, and not lost.
+}
+
+/// Renews the leases of the given attempts, as long as `owner` still holds them.
+///
+/// A row another transaction has locked is skipped, not waited for: the renewal then never
+/// waits on the completer (which locks the rows it ends in whatever order its plan visits
+/// them), so the two cannot deadlock, and a renewal is never held up by one slow writer.
 pub async fn renew_leases(
     conn: &mut PgConnection,
     owner: &str,
     held: &[(JobId, i32)],
     lease_ms: i64,
-) -> Result<Vec<(JobId, i32)>> {
+) -> Result<LeaseRenewal> {
     let ids: Vec<JobId> = held.iter().map(|(id, _)| *id).collect();
     let attempts: Vec<i32> = held.iter().map(|(_, attempt)| *attempt).collect();
-    let renewed = sqlx::query_as(
-        "WITH locked AS (
-             -- In id order, as the completer locks them (see end_attempts).
-             SELECT j.id FROM jobs j
-             JOIN unnest($3::bigint[], $4::int[]) AS held(id, attempt)
-               ON j.id = held.id AND j.attempt = held.attempt
+    let rows: Vec<(JobId, i32, bool)> = sqlx::query_as(
+        "WITH held AS (
+             SELECT * FROM unnest($3::bigint[], $4::int[]) AS h(id, attempt)
+         ), locked AS (
+             SELECT j.id FROM jobs j JOIN held h ON j.id = h.id AND j.attempt = h.attempt
              WHERE j.lease_owner = $1 AND j.state = 'processing'
-             ORDER BY j.id
-             FOR NO KEY UPDATE OF j
+             FOR NO KEY UPDATE OF j SKIP LOCKED
+         ), renewed AS (
+             UPDATE jobs SET lease_expires_at = now() + $2 * interval '1 millisecond'
+             FROM locked
+             WHERE jobs.id = locked.id
+             RETURNING jobs.id
          )
-         UPDATE jobs SET lease_expires_at = now() + $2 * interval '1 millisecond'
-         FROM locked
-         WHERE jobs.id = locked.id AND jobs.lease_owner = $1 AND jobs.state = 'processing'
-         RETURNING jobs.id, jobs.attempt",
+         SELECT h.id, h.attempt, r.id IS NOT NULL AS renewed
+         FROM held h LEFT JOIN renewed r ON r.id = h.id
+         WHERE r.id IS NOT NULL
+            OR NOT EXISTS (SELECT 1 FROM jobs j
+                           WHERE j.id = h.id AND j.attempt = h.attempt
+                             AND j.lease_owner = $1 AND j.state = 'processing')",
     )
     .bind(owner)
     .bind(lease_ms)
@@ -397,7 +443,15 @@ pub async fn renew_leases(
     .bind(&attempts)
     .fetch_all(conn)
     .await?;
-    Ok(renewed)
+    let mut renewal = LeaseRenewal::default();
+    for (id, attempt, renewed) in rows {
+        if renewed {
+            renewal.renewed.push((id, attempt));
+        } else {
+            renewal.lost.push((id, attempt));
+        }
+    }
+    Ok(renewal)
 }
 
 /// Moves due scheduled jobs to their queue; returns their queues.
