@@ -41,7 +41,7 @@ pub struct BenchArgs {
 }
 
 /// The election overhead: one retry-policy decision per call, each in a fresh store from the
-/// pre-instantiated component, on one thread.
+/// pre-instantiated component, on one thread, for a job with a detection run's parameters.
 fn bench_election(path: &std::path::Path, calls: usize) -> anyhow::Result<()> {
     use hangar::plugins::adapters::{LoadedPlugin, PolicyJob};
     let engine =
@@ -56,7 +56,14 @@ fn bench_election(path: &std::path::Path, calls: usize) -> anyhow::Result<()> {
         &component,
     )
     .map_err(|e| anyhow::anyhow!(e))?;
-    let parameters = std::collections::BTreeMap::new();
+    // What a detection run's job carries.
+    let parameters = std::collections::BTreeMap::from([
+        (
+            "detectionRunId".to_owned(),
+            "0f8a5c62-3d6e-4f0b-9a51-6c2b7d9e8f10".to_owned(),
+        ),
+        ("priority".to_owned(), "high".to_owned()),
+    ]);
     let error = JobError::new("SubprocessFailed", "exit status 1").with_details("Traceback ...");
     let mut timings = Vec::with_capacity(calls);
     for n in 0..(calls + calls / 10) {

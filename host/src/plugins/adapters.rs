@@ -307,6 +307,11 @@ fn wit_job(job: &PolicyJob<'_>) -> bindings::Job {
         queue: job.queue.to_owned(),
         attempt: job.attempt,
         failures: job.failures,
+        parameters: job
+            .parameters
+            .iter()
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect(),
     }
 }
 

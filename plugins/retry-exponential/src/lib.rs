@@ -15,8 +15,12 @@
 //! - `retry.max`: the number of retries (a non-negative integer; 0 = never retry);
 //! - `retry.unit-ms`: the delay before the first retry, in milliseconds (default 60000).
 //!
-//! A parameter that is not a valid number is logged (warn) and ignored. The decision itself is
-//! in the job's history (hangar records who decided and the delay).
+//! A parameter that is not a valid number is ignored (the default applies). The decision
+//! itself is in the job's history (hangar records who decided and the delay).
+//!
+//! The plugin reads the parameters from the job record and imports nothing, not even hangar's
+//! `host` interface: an import that passes strings makes every instantiation set up the
+//! canonical ABI's shims, a third of a decision's cost.
 
 // A decision runs thousands of times a second, each in a fresh instance: without Rust's std the
 // component imports no WASI interfaces, and hangar instantiates it markedly faster. The pure
@@ -90,7 +94,7 @@ mod runtime {
     }
 }
 
-use alloc::format;
+use alloc::string::String;
 
 // Generates the Rust side of the `retry-policy-plugin` world: the imports (`host`, `types`) as
 // plain functions and types, and the `Guest` trait for the export (`retry-policy`).
@@ -100,7 +104,6 @@ wit_bindgen::generate!({
 });
 
 use exports::hangar::policy::retry_policy::{Decision, Guest};
-use hangar::policy::host::{self, Level};
 use hangar::policy::types::{Job, JobError};
 
 /// Retries when `retry.max` is absent.
@@ -114,10 +117,8 @@ struct RetryExponential;
 
 impl Guest for RetryExponential {
     fn decide(job: Job, _error: JobError) -> Decision {
-        let max = parameter("retry.max", DEFAULT_MAX_RETRIES);
-        let unit_ms = parameter("retry.unit-ms", DEFAULT_UNIT_MS);
-        // No log line per decision: hangar records each one in the job's history (who
-        // decided, the delay), and a formatted line costs a third of the call.
+        let max = parameter(&job.parameters, "retry.max", DEFAULT_MAX_RETRIES);
+        let unit_ms = parameter(&job.parameters, "retry.unit-ms", DEFAULT_UNIT_MS);
         policy(job.failures, max, unit_ms)
     }
 }
@@ -142,22 +143,14 @@ fn delay_ms(unit_ms: u64, retry: u32) -> u64 {
         .map_or(MAX_DELAY_MS, |ms| ms.min(MAX_DELAY_MS))
 }
 
-/// The job parameter `name` parsed as `T`, or `default` when the job has no such parameter or
-/// its value does not parse (logged as a warning).
-fn parameter<T: core::str::FromStr>(name: &str, default: T) -> T {
-    let Some(raw) = host::get_parameter(name) else {
-        return default;
-    };
-    match raw.trim().parse() {
-        Ok(value) => value,
-        Err(_) => {
-            host::log(
-                Level::Warn,
-                &format!("ignoring job parameter {name}={raw:?}: not a non-negative integer"),
-            );
-            default
-        }
-    }
+/// The parameter `name` parsed as `T`, or `default` when the job has no such parameter or
+/// its value does not parse.
+fn parameter<T: core::str::FromStr>(parameters: &[(String, String)], name: &str, default: T) -> T {
+    parameters
+        .iter()
+        .find(|(candidate, _)| candidate == name)
+        .and_then(|(_, raw)| raw.trim().parse().ok())
+        .unwrap_or(default)
 }
 
 #[cfg(test)]
@@ -193,6 +186,18 @@ mod tests {
         assert_eq!(delay(policy(5, 5, 1000)), after(16_000));
         assert_eq!(delay(policy(6, 5, 1000)), None);
         assert_eq!(delay(policy(1, 3, 0)), after(0));
+    }
+
+    #[test]
+    fn parameters_are_read_by_name_and_bad_values_ignored() {
+        let parameters = vec![
+            ("detectionRunId".to_string(), "7".to_string()),
+            ("retry.max".to_string(), " 5 ".to_string()),
+            ("retry.unit-ms".to_string(), "-1".to_string()),
+        ];
+        assert_eq!(parameter(&parameters, "retry.max", 3u32), 5);
+        assert_eq!(parameter(&parameters, "retry.unit-ms", 60_000u64), 60_000);
+        assert_eq!(parameter(&parameters, "retry.absent", 9u32), 9);
     }
 
     #[test]
