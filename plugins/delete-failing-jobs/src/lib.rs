@@ -85,6 +85,7 @@ mod tests {
             queue: "detection".into(),
             attempt: failures,
             failures,
+            parameters: Vec::new(),
         }
     }
 

@@ -31,26 +31,45 @@ extern crate alloc;
 
 #[cfg(not(test))]
 mod runtime {
-    /// An instance lives for one call, so memory is never given back: a bump allocator over
-    /// an arena in the module's own memory (no `memory.grow`, which costs the host a call).
+    /// An instance lives for one call, so memory is never given back: a bump allocator, first
+    /// over an arena in the module's own memory (a decision needs a few hundred bytes, and no
+    /// `memory.grow` means no call into the host), then over pages grown for what does not fit
+    /// (a job with large parameters), up to the host's memory cap.
     struct Bump;
 
     const ARENA_SIZE: usize = 64 << 10;
+    const WASM_PAGE: usize = 64 << 10;
     static mut ARENA: [u8; ARENA_SIZE] = [0; ARENA_SIZE];
-    static mut USED: usize = 0;
+    /// The free region still to hand out: `[NEXT, LIMIT)`; both 0 until the first allocation.
+    static mut NEXT: usize = 0;
+    static mut LIMIT: usize = 0;
 
     unsafe impl core::alloc::GlobalAlloc for Bump {
         unsafe fn alloc(&self, layout: core::alloc::Layout) -> *mut u8 {
             // SAFETY: an instance runs one call on one thread; nothing else touches these.
             unsafe {
-                let base = core::ptr::addr_of_mut!(ARENA) as usize;
-                let start = (base + USED + layout.align() - 1) & !(layout.align() - 1);
-                let end = start + layout.size();
-                if end > base + ARENA_SIZE {
-                    // A decision needs a few hundred bytes; 64 KiB running out is a bug.
-                    return core::ptr::null_mut();
+                if LIMIT == 0 {
+                    NEXT = core::ptr::addr_of_mut!(ARENA) as usize;
+                    LIMIT = NEXT + ARENA_SIZE;
                 }
-                USED = end - base;
+                let align = layout.align();
+                let start = (NEXT + align - 1) & !(align - 1);
+                if start
+                    .checked_add(layout.size())
+                    .is_none_or(|end| end > LIMIT)
+                {
+                    // Fresh pages at the end of memory: what is left of the current region
+                    // is abandoned.
+                    let pages = (layout.size() + align).div_ceil(WASM_PAGE);
+                    let old_pages = core::arch::wasm32::memory_grow(0, pages);
+                    if old_pages == usize::MAX {
+                        return core::ptr::null_mut();
+                    }
+                    NEXT = old_pages * WASM_PAGE;
+                    LIMIT = NEXT + pages * WASM_PAGE;
+                    return self.alloc(layout);
+                }
+                NEXT = start + layout.size();
                 start as *mut u8
             }
         }
