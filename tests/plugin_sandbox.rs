@@ -45,6 +45,17 @@ async fn malicious_or_broken_uploads_are_refused_with_a_reason() {
     .expect("engine");
     let reason = refuse_on(Arc::new(patient), "retry-policy", read("test-memory-bomb")).await;
     assert!(reason.contains("ran out of memory"), "{reason}");
+    // A component built against an older contract: the message says what to do.
+    let old = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/retry-exponential-policy-0.1.0.wasm"),
+    )
+    .expect("fixture");
+    let reason = refuse("retry-policy", old).await;
+    assert!(
+        reason.contains("built against hangar:policy@0.1.0") && reason.contains("rebuild"),
+        "{reason}"
+    );
     let reason = refuse("retry-policy", read("delete-failing-jobs")).await;
     assert!(
         reason.contains("does not implement"),
@@ -391,4 +402,49 @@ async fn every_call_starts_from_a_fresh_instance_however_often_its_slot_is_reuse
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_with_large_parameters_is_decided_by_its_parameters() {
+    let engine = Arc::new(
+        PluginEngine::new(CallLimits {
+            time_budget: std::time::Duration::from_secs(30),
+            ..CallLimits::default()
+        })
+        .expect("engine"),
+    );
+    let bytes = std::fs::read(plugin_wasm("retry-exponential")).expect("component");
+    let component = wasmtime::component::Component::new(&engine.engine, bytes).expect("compile");
+    let plugin = LoadedPlugin::link(
+        Arc::clone(&engine),
+        PluginKind::RetryPolicy,
+        "retry-exponential".into(),
+        &component,
+    )
+    .expect("link");
+    // Far more than the plugin's 64 KiB arena: it grows its memory for the rest.
+    let parameters = std::collections::BTreeMap::from([
+        ("notes".to_owned(), "x".repeat(300_000)),
+        ("retry.max".to_owned(), "5".to_owned()),
+        ("retry.unit-ms".to_owned(), "1000".to_owned()),
+    ]);
+    let error = hangar::state::JobError::new("E", "boom");
+    let decide = |failures| {
+        let job = hangar::plugins::adapters::PolicyJob {
+            id: 1,
+            kind: "k",
+            queue: "default",
+            attempt: failures,
+            failures,
+            parameters: &parameters,
+        };
+        plugin.decide(&job, &error).expect("decision")
+    };
+    use hangar::election::RetryDecision;
+    use std::time::Duration;
+    assert_eq!(
+        decide(5),
+        RetryDecision::RetryAfter(Duration::from_secs(16))
+    );
+    assert_eq!(decide(6), RetryDecision::Fail);
 }

@@ -79,10 +79,16 @@ impl LoadedPlugin {
         label: String,
         component: &Component,
     ) -> Result<Self, String> {
-        let instance_pre = engine
-            .linker
-            .instantiate_pre(component)
-            .map_err(|e| format!("{e:#}"))?;
+        let instance_pre = engine.linker.instantiate_pre(component).map_err(|e| {
+            match contract_version_of(&engine.engine, component) {
+                Some(version) if version != super::CONTRACT_VERSION => format!(
+                    "it was built against hangar:policy@{version}, and this hangar implements \
+                     hangar:policy@{}: rebuild it against this hangar's wit/ ({e:#})",
+                    super::CONTRACT_VERSION
+                ),
+                _ => format!("{e:#}"),
+            }
+        })?;
         let pre = match kind {
             PluginKind::RetryPolicy => Pre::Retry(
                 retry::RetryPolicyPluginPre::new(instance_pre).map_err(|e| format!("{e:#}"))?,
@@ -298,6 +304,21 @@ impl LoadedPlugin {
                 .collect(),
         })
     }
+}
+
+/// The `hangar:policy` version a component's imports or exports name, if any: what it was
+/// built against.
+fn contract_version_of(engine: &wasmtime::Engine, component: &Component) -> Option<String> {
+    let ty = component.component_type();
+    let names: Vec<&str> = ty
+        .imports(engine)
+        .map(|(name, _)| name)
+        .chain(ty.exports(engine).map(|(name, _)| name))
+        .collect();
+    names
+        .into_iter()
+        .filter(|name| name.starts_with("hangar:policy/"))
+        .find_map(|name| name.split_once('@').map(|(_, version)| version.to_owned()))
 }
 
 fn wit_job(job: &PolicyJob<'_>) -> bindings::Job {

@@ -27,12 +27,17 @@ pub enum PluginKind {
     CleanupHook,
 }
 
+/// The version of the `hangar:policy` package (`wit/policy.wit`) this hangar implements. A
+/// component built against another version does not link (records such as `job` differ
+/// between versions), and is refused with a message that says so.
+pub const CONTRACT_VERSION: &str = "0.2.0";
+
 impl PluginKind {
     pub fn world(self) -> &'static str {
         match self {
-            PluginKind::RetryPolicy => "hangar:policy/retry-policy-plugin@0.1.0",
-            PluginKind::StateFilter => "hangar:policy/state-filter-plugin@0.1.0",
-            PluginKind::CleanupHook => "hangar:policy/cleanup-hook-plugin@0.1.0",
+            PluginKind::RetryPolicy => "hangar:policy/retry-policy-plugin@0.2.0",
+            PluginKind::StateFilter => "hangar:policy/state-filter-plugin@0.2.0",
+            PluginKind::CleanupHook => "hangar:policy/cleanup-hook-plugin@0.2.0",
         }
     }
 
@@ -136,5 +141,26 @@ pub enum PluginError {
 impl From<sqlx::Error> for PluginError {
     fn from(error: sqlx::Error) -> Self {
         PluginError::Storage(error.into())
+    }
+}
+
+#[cfg(test)]
+mod contract_tests {
+    use super::*;
+
+    #[test]
+    fn the_contract_version_is_the_wit_packages() {
+        let wit = include_str!("../../../wit/policy.wit");
+        assert!(
+            wit.contains(&format!("package hangar:policy@{CONTRACT_VERSION};")),
+            "wit/policy.wit and CONTRACT_VERSION disagree"
+        );
+        for kind in [
+            PluginKind::RetryPolicy,
+            PluginKind::StateFilter,
+            PluginKind::CleanupHook,
+        ] {
+            assert!(kind.world().ends_with(&format!("@{CONTRACT_VERSION}")));
+        }
     }
 }
