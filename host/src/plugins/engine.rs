@@ -87,6 +87,20 @@ const LINEAR_MEMORY_KEEP_RESIDENT: usize = 256 << 10;
 /// The same for tables: a guest's function tables are small.
 const TABLE_KEEP_RESIDENT: usize = 64 << 10;
 
+/// Whether a dropped store's written pages may be reset in place: the kernel must offer
+/// PAGEMAP_SCAN (Linux 6.7+), and no swap may be configured. wasmtime 48 resets the written
+/// pages that are *present*; one swapped out during a call would be neither reset nor given
+/// back, and the next instance in the slot would read it (wasmtime PR #14357). Swap turned on
+/// while hangar runs is not seen: restart it after `swapon`.
+fn memory_reset_in_place_is_safe() -> bool {
+    let swap_configured = match std::fs::read_to_string("/proc/swaps") {
+        // A header line, then one line per swap area.
+        Ok(swaps) => swaps.lines().skip(1).any(|line| !line.trim().is_empty()),
+        Err(_) => true,
+    };
+    !swap_configured && PoolingAllocationConfig::is_pagemap_scan_available()
+}
+
 /// How long a call waits for a free slot before the built-in policy decides instead.
 const SLOT_WAIT: Duration = Duration::from_secs(1);
 
@@ -152,18 +166,36 @@ impl PluginEngine {
             .total_stacks(slots)
             .max_memories_per_component(2)
             .max_memory_size(limits.memory_bytes)
-            // A fresh instance's page faults, and the `madvise` and TLB shootdowns of giving
-            // its pages back, were ~40% of a decision. With Linux's PAGEMAP_SCAN (6.7+; other
-            // kernels fall back to decommitting) a dropped store's *written* pages are found
-            // and reset in place, up to `keep_resident` bytes of them, and stay mapped for the
-            // next call: a decision writes a few pages (its stack top, data, arena), wherever
-            // the guest's layout puts them. Measured with `hangar bench --election-plugin`:
-            // p50 22 → 15 µs, p99 80 → 35 µs. What a larger working set writes beyond
-            // `keep_resident` is decommitted, so a slot keeps at most that much resident.
-            .pagemap_scan(wasmtime::Enabled::Auto)
-            .linear_memory_keep_resident(LINEAR_MEMORY_KEEP_RESIDENT)
             .table_keep_resident(TABLE_KEEP_RESIDENT)
             .decommit_batch_size(decommit_batch as usize);
+        // A fresh instance's page faults, and the `madvise` and TLB shootdowns of giving its
+        // pages back, were ~40% of a decision. With PAGEMAP_SCAN a dropped store's *written*
+        // pages are found and reset in place, up to `keep_resident` bytes of them, and stay
+        // mapped for the next call: a decision writes a few pages (its stack top, data,
+        // arena), wherever the guest's layout puts them. Measured with `hangar bench
+        // --election-plugin`: p50 22 → 15 µs, p99 80 → 35 µs. What a larger working set writes
+        // beyond `keep_resident` is decommitted, so a slot keeps at most that much resident.
+        // Without it, keeping pages resident means a blind memset of the low addresses, which
+        // for a Rust guest (its stack ends 1 MiB in) costs more than the faults it saves.
+        let reset_in_place = memory_reset_in_place_is_safe();
+        if reset_in_place {
+            pooling
+                .pagemap_scan(wasmtime::Enabled::Auto)
+                .linear_memory_keep_resident(LINEAR_MEMORY_KEEP_RESIDENT);
+        } else {
+            pooling
+                .pagemap_scan(wasmtime::Enabled::No)
+                .linear_memory_keep_resident(0);
+        }
+        tracing::debug!(
+            reset_in_place,
+            "plugin memories: {}",
+            if reset_in_place {
+                "written pages reset in place (PAGEMAP_SCAN, no swap)"
+            } else {
+                "pages given back after each call"
+            }
+        );
         let mut config = Config::new();
         config
             .wasm_component_model(true)
