@@ -1,7 +1,8 @@
 //! Ownership and leases: a killed server's job is rescued once and its late completion
 //! refused; a server whose heartbeat stalls stops its subprocess before the lease expires; a
 //! timed-out child that ignores SIGTERM is killed before its retry starts; max attempts hold
-//! when the executor process itself dies.
+//! when the executor process itself dies; a renewal skips a locked lease, then waits for it,
+//! and tells lost leases apart.
 
 mod support;
 
@@ -253,4 +254,64 @@ async fn max_attempts_hold_when_the_executor_process_dies_every_time() {
     let last = details.history.last().expect("history");
     assert_eq!(last.data["exception_type"], "LeaseExpired");
     assert!(!dir.join("pid_5").exists(), "no fifth attempt");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_skips_a_locked_lease_then_waits_for_it_and_tells_lost_ones_apart() {
+    let db = TestDb::new().await;
+    let client = db.client();
+    for _ in 0..2 {
+        client
+            .enqueue(&hangar::state::NewJob::new("k", "default"))
+            .await
+            .expect("enqueue");
+    }
+    let fetched = jobs::fetch(&db.pool, "me", &["default".into()], &[2], 2, 60_000)
+        .await
+        .expect("fetch");
+    let held: Vec<(i64, i32)> = fetched.iter().map(|j| (j.id, j.attempt)).collect();
+    let (kept, locked) = (held[0], held[1]);
+    // Someone else briefly holds one job's row (as a run's writer or a client's delete does).
+    let mut other = db.pool.begin().await.expect("begin");
+    let holder: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *other)
+        .await
+        .expect("pid");
+    sqlx::query("SELECT id FROM jobs WHERE id = $1 FOR SHARE")
+        .bind(locked.0)
+        .execute(&mut *other)
+        .await
+        .expect("lock");
+    // And one attempt the server believes it holds was rescued behind its back.
+    let gone = (held[0].0, held[0].1 + 7);
+    let asked = [kept, locked, gone];
+
+    let mut conn = db.pool.acquire().await.expect("connection");
+    let first = jobs::renew_leases(&mut conn, "me", &asked, 60_000, false)
+        .await
+        .expect("renewal");
+    assert_eq!(first.renewed, vec![kept]);
+    assert_eq!(first.lost, vec![gone], "the locked one is neither");
+
+    let pool = db.pool.clone();
+    let waiting = tokio::spawn(async move {
+        let mut conn = pool.acquire().await.expect("connection");
+        jobs::renew_leases(&mut conn, "me", &[locked], 60_000, true).await
+    });
+    // The waiting renewal blocks on the holder until it commits.
+    support::wait_for("the renewal to wait for the lock", WAIT, || async {
+        let waiters: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+        )
+        .bind(holder)
+        .fetch_one(&db.pool)
+        .await
+        .ok()?;
+        (waiters > 0).then_some(())
+    })
+    .await;
+    other.commit().await.expect("commit");
+    let second = waiting.await.expect("task").expect("renewal");
+    assert_eq!(second.renewed, vec![locked]);
+    assert!(second.lost.is_empty());
 }

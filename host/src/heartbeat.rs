@@ -68,10 +68,55 @@ async fn renew(
     let mut tx = pool.begin().await?;
     // A renewal that takes longer than a heartbeat is useless: give up and let the next one try.
     crate::storage::set_local_statement_timeout(&mut tx, budget).await?;
-    let held = jobs::renew_leases(&mut tx, server_id, held, lease_ms).await?;
+    let mut renewal = jobs::renew_leases(&mut tx, server_id, held, lease_ms, false).await?;
     servers::heartbeat(&mut tx, server_id).await?;
     tx.commit().await?;
-    Ok(held)
+    let busy = busy_attempts(held, &renewal);
+    if !busy.is_empty() {
+        // Rows someone held locked a moment ago (a client's delete, a run's writer, the
+        // completer ending them): wait for them briefly, holding nothing else.
+        match renew_waiting(pool, server_id, &busy, lease_ms, budget / 4).await {
+            Ok(again) => {
+                renewal.renewed.extend(again.renewed);
+                renewal.lost.extend(again.lost);
+            }
+            Err(error) => tracing::debug!(
+                %error,
+                server = %server_id,
+                busy = busy.len(),
+                "leases of locked jobs not renewed this time"
+            ),
+        }
+    }
+    Ok(renewal)
+}
+
+/// The held attempts a renewal neither renewed nor found lost: their rows were locked.
+fn busy_attempts(held: &[(i64, i32)], renewal: &jobs::LeaseRenewal) -> Vec<(i64, i32)> {
+    let answered: std::collections::HashSet<&(i64, i32)> =
+        renewal.renewed.iter().chain(&renewal.lost).collect();
+    held.iter()
+        .filter(|attempt| !answered.contains(attempt))
+        .copied()
+        .collect()
+}
+
+async fn renew_waiting(
+    pool: &PgPool,
+    server_id: &str,
+    busy: &[(i64, i32)],
+    lease_ms: i64,
+    wait: Duration,
+) -> Result<jobs::LeaseRenewal, StorageError> {
+    let mut tx = pool.begin().await?;
+    // Shorter than PostgreSQL's deadlock_timeout (1 s): should this wait close a cycle with
+    // the completer, it gives up first and the completer goes on.
+    let wait = wait.min(Duration::from_millis(500));
+    crate::storage::set_local_lock_timeout(&mut tx, wait).await?;
+    crate::storage::set_local_statement_timeout(&mut tx, wait * 2).await?;
+    let renewal = jobs::renew_leases(&mut tx, server_id, busy, lease_ms, true).await?;
+    tx.commit().await?;
+    Ok(renewal)
 }
 
 pub async fn run_watchdog(config: Arc<Config>, running: RunningJobs, stop: CancellationToken) {

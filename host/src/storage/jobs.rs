@@ -264,6 +264,10 @@ pub async fn end_attempts(
     if ends.is_empty() {
         return Ok(Vec::new());
     }
+    // In id order: the plans PostgreSQL picks for the update (a hash join probing the array,
+    // or a nested loop over it) then lock the rows in that order too.
+    let mut ends: Vec<&AttemptEnd> = ends.iter().collect();
+    ends.sort_by_key(|e| e.id);
     let ids: Vec<JobId> = ends.iter().map(|e| e.id).collect();
     let attempts: Vec<i32> = ends.iter().map(|e| e.attempt).collect();
     let owners: Vec<&str> = ends.iter().map(|e| e.owner.as_str()).collect();
@@ -292,9 +296,13 @@ pub async fn end_attempts(
 }
 
 /// The owner's completer ends the attempts it ran: one pass over the rows, each updated where
-/// its fence still holds. It may wait for a row's lock (a rescuer's, a run's writer), but no
-/// writer of processing rows waits for it in turn: lease renewals and rescues skip locked
-/// rows, so there is no deadlock for it to be part of.
+/// its fence still holds (under READ COMMITTED a row changed meanwhile is re-checked against
+/// the fence, so a rescued attempt is skipped). It may wait for a row's lock. Lease renewals
+/// and rescues never make it wait in a cycle: they skip locked rows, or wait under a
+/// `lock_timeout` shorter than PostgreSQL's deadlock detection. A caller's own transaction
+/// that locks several processing jobs against the id order (a continuation on two running
+/// parents, say) can still deadlock with it; PostgreSQL then aborts one side, and the
+/// completer tries again.
 const END_OWN_ATTEMPTS: &str = "
     WITH applied AS (
         UPDATE jobs j
@@ -406,43 +414,32 @@ pub struct LeaseRenewal {
 
 /// Renews the leases of the given attempts, as long as `owner` still holds them.
 ///
-/// A row another transaction has locked is skipped, not waited for: the renewal then never
-/// waits on the completer (which locks the rows it ends in whatever order its plan visits
-/// them), so the two cannot deadlock, and a renewal is never held up by one slow writer.
+/// With `wait_for_locks` false, a row another transaction has locked is skipped, not waited
+/// for: the renewal then never waits on the completer (which locks the rows it ends in the
+/// order its plan visits them), so the two cannot deadlock, and one slow writer cannot hold
+/// up every lease. The heartbeat retries the skipped rows in a second transaction that waits
+/// for them in id order, under a short `lock_timeout`.
 pub async fn renew_leases(
     conn: &mut PgConnection,
     owner: &str,
     held: &[(JobId, i32)],
     lease_ms: i64,
+    wait_for_locks: bool,
 ) -> Result<LeaseRenewal> {
     let ids: Vec<JobId> = held.iter().map(|(id, _)| *id).collect();
     let attempts: Vec<i32> = held.iter().map(|(_, attempt)| *attempt).collect();
-    let rows: Vec<(JobId, i32, bool)> = sqlx::query_as(
-        "WITH held AS (
-             SELECT * FROM unnest($3::bigint[], $4::int[]) AS h(id, attempt)
-         ), locked AS (
-             SELECT j.id FROM jobs j JOIN held h ON j.id = h.id AND j.attempt = h.attempt
-             WHERE j.lease_owner = $1 AND j.state = 'processing'
-             FOR NO KEY UPDATE OF j SKIP LOCKED
-         ), renewed AS (
-             UPDATE jobs SET lease_expires_at = now() + $2 * interval '1 millisecond'
-             FROM locked
-             WHERE jobs.id = locked.id
-             RETURNING jobs.id
-         )
-         SELECT h.id, h.attempt, r.id IS NOT NULL AS renewed
-         FROM held h LEFT JOIN renewed r ON r.id = h.id
-         WHERE r.id IS NOT NULL
-            OR NOT EXISTS (SELECT 1 FROM jobs j
-                           WHERE j.id = h.id AND j.attempt = h.attempt
-                             AND j.lease_owner = $1 AND j.state = 'processing')",
-    )
-    .bind(owner)
-    .bind(lease_ms)
-    .bind(&ids)
-    .bind(&attempts)
-    .fetch_all(conn)
-    .await?;
+    let statement = if wait_for_locks {
+        RENEW_LEASES_WAITING
+    } else {
+        RENEW_LEASES_SKIPPING_LOCKED
+    };
+    let rows: Vec<(JobId, i32, bool)> = sqlx::query_as(statement)
+        .bind(owner)
+        .bind(lease_ms)
+        .bind(&ids)
+        .bind(&attempts)
+        .fetch_all(conn)
+        .await?;
     let mut renewal = LeaseRenewal::default();
     for (id, attempt, renewed) in rows {
         if renewed {
@@ -453,6 +450,39 @@ pub async fn renew_leases(
     }
     Ok(renewal)
 }
+
+/// The renewal, with its way of locking (`$lock`) left open. It returns the renewed attempts
+/// (`renewed`) and those the server no longer holds (`NOT renewed`: not in processing under
+/// that owner and attempt as of the statement's snapshot); rows locked and skipped are in
+/// neither.
+macro_rules! renew_leases_sql {
+    ($lock:literal) => {
+        concat!(
+            "WITH held AS (
+                 SELECT * FROM unnest($3::bigint[], $4::int[]) AS h(id, attempt)
+             ), locked AS (
+                 SELECT j.id FROM jobs j JOIN held h ON j.id = h.id AND j.attempt = h.attempt
+                 WHERE j.lease_owner = $1 AND j.state = 'processing' ",
+            $lock,
+            "
+             ), renewed AS (
+                 UPDATE jobs SET lease_expires_at = now() + $2 * interval '1 millisecond'
+                 FROM locked
+                 WHERE jobs.id = locked.id
+                 RETURNING jobs.id, jobs.attempt
+             )
+             SELECT h.id, h.attempt, r.id IS NOT NULL AS renewed
+             FROM held h LEFT JOIN renewed r ON r.id = h.id AND r.attempt = h.attempt
+             WHERE r.id IS NOT NULL
+                OR NOT EXISTS (SELECT 1 FROM jobs j
+                               WHERE j.id = h.id AND j.attempt = h.attempt
+                                 AND j.lease_owner = $1 AND j.state = 'processing')"
+        )
+    };
+}
+
+const RENEW_LEASES_SKIPPING_LOCKED: &str = renew_leases_sql!("FOR NO KEY UPDATE OF j SKIP LOCKED");
+const RENEW_LEASES_WAITING: &str = renew_leases_sql!("ORDER BY j.id FOR NO KEY UPDATE OF j");
 
 /// Moves due scheduled jobs to their queue; returns their queues.
 pub async fn enqueue_due(conn: &mut PgConnection, limit: i64) -> Result<Vec<String>> {

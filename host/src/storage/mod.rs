@@ -140,6 +140,17 @@ pub async fn set_local_statement_timeout(
     Ok(())
 }
 
+/// Sets `lock_timeout` for the rest of the current transaction.
+pub async fn set_local_lock_timeout(
+    conn: &mut sqlx::PgConnection,
+    budget: Duration,
+) -> Result<(), StorageError> {
+    let budget_ms = budget.as_millis().max(1);
+    conn.execute(format!("SET LOCAL lock_timeout = {budget_ms}").as_str())
+        .await?;
+    Ok(())
+}
+
 /// The channel that tells servers the active plugins changed.
 pub fn plugins_channel(schema: &str) -> String {
     format!("hangar_{schema}_plugins")
