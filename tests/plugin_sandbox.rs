@@ -352,12 +352,20 @@ async fn more_calls_at_once_than_the_pool_holds_wait_instead_of_failing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_call_starts_from_a_fresh_instance_however_often_its_slot_is_reused() {
+    // Pages reset in place (where this machine allows it) and pages given back.
+    for reset_in_place in [true, false] {
+        calls_see_nothing_of_earlier_calls(reset_in_place);
+    }
+}
+
+fn calls_see_nothing_of_earlier_calls(reset_in_place: bool) {
     // A small pool, so that each slot serves many calls; the guest counts its calls in its
     // memory image and marks 512 KiB of zeroed memory, more than a slot keeps resident.
     let engine = Arc::new(
         PluginEngine::new(CallLimits {
             concurrent_calls: 4,
             time_budget: std::time::Duration::from_secs(30),
+            reset_in_place,
             ..CallLimits::default()
         })
         .expect("engine"),

@@ -46,6 +46,7 @@ fn bench_election(path: &std::path::Path, calls: usize) -> anyhow::Result<()> {
     use hangar::plugins::adapters::{LoadedPlugin, PolicyJob};
     let engine =
         hangar::plugins::engine::process_engine(hangar::plugins::engine::CallLimits::default())?;
+    let engine_resets_in_place = engine.resets_in_place;
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let component = wasmtime::component::Component::new(&engine.engine, &bytes)
         .map_err(|e| anyhow::anyhow!("{e:#}"))?;
@@ -88,8 +89,13 @@ fn bench_election(path: &std::path::Path, calls: usize) -> anyhow::Result<()> {
     timings.sort();
     let at = |p: f64| timings[((timings.len() - 1) as f64 * p).round() as usize];
     println!(
-        "election overhead ({}, fresh store per call, {} calls): p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs",
+        "election overhead ({}, fresh store per call, pages {}, {} calls): p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs",
         path.display(),
+        if engine_resets_in_place {
+            "reset in place"
+        } else {
+            "given back"
+        },
         timings.len(),
         at(0.50).as_secs_f64() * 1e6,
         at(0.99).as_secs_f64() * 1e6,

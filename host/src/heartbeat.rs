@@ -74,19 +74,10 @@ async fn renew(
     let busy = busy_attempts(held, &renewal);
     if !busy.is_empty() {
         // Rows someone held locked a moment ago (a client's delete, a run's writer, the
-        // completer ending them): wait for them briefly, holding nothing else.
-        match renew_waiting(pool, server_id, &busy, lease_ms, budget / 4).await {
-            Ok(again) => {
-                renewal.renewed.extend(again.renewed);
-                renewal.lost.extend(again.lost);
-            }
-            Err(error) => tracing::debug!(
-                %error,
-                server = %server_id,
-                busy = busy.len(),
-                "leases of locked jobs not renewed this time"
-            ),
-        }
+        // completer ending them): wait for each briefly, in its own transaction.
+        let again = renew_each_waiting(pool, server_id, &busy, lease_ms, budget / 2).await;
+        renewal.renewed.extend(again.renewed);
+        renewal.lost.extend(again.lost);
     }
     Ok(renewal)
 }
@@ -101,20 +92,50 @@ fn busy_attempts(held: &[(i64, i32)], renewal: &jobs::LeaseRenewal) -> Vec<(i64,
         .collect()
 }
 
-async fn renew_waiting(
+/// Renews each of `busy` in a transaction of its own that waits for that row's lock only: a
+/// transaction holding no other lock while it waits cannot close a deadlock cycle, and one row
+/// held long costs only its own renewal. All of it within `budget`.
+async fn renew_each_waiting(
     pool: &PgPool,
     server_id: &str,
     busy: &[(i64, i32)],
     lease_ms: i64,
+    budget: Duration,
+) -> jobs::LeaseRenewal {
+    let started = Instant::now();
+    let mut renewal = jobs::LeaseRenewal::default();
+    for attempt in busy {
+        let Some(left) = budget.checked_sub(started.elapsed()) else {
+            break;
+        };
+        let wait = left.min(Duration::from_millis(500));
+        match renew_one_waiting(pool, server_id, *attempt, lease_ms, wait).await {
+            Ok(one) => {
+                renewal.renewed.extend(one.renewed);
+                renewal.lost.extend(one.lost);
+            }
+            Err(error) => tracing::warn!(
+                %error,
+                server = %server_id,
+                job_id = attempt.0,
+                "lease not renewed this time: its job's row stayed locked"
+            ),
+        }
+    }
+    renewal
+}
+
+async fn renew_one_waiting(
+    pool: &PgPool,
+    server_id: &str,
+    attempt: (i64, i32),
+    lease_ms: i64,
     wait: Duration,
 ) -> Result<jobs::LeaseRenewal, StorageError> {
     let mut tx = pool.begin().await?;
-    // Shorter than PostgreSQL's deadlock_timeout (1 s): should this wait close a cycle with
-    // the completer, it gives up first and the completer goes on.
-    let wait = wait.min(Duration::from_millis(500));
     crate::storage::set_local_lock_timeout(&mut tx, wait).await?;
     crate::storage::set_local_statement_timeout(&mut tx, wait * 2).await?;
-    let renewal = jobs::renew_leases(&mut tx, server_id, busy, lease_ms, true).await?;
+    let renewal = jobs::renew_leases(&mut tx, server_id, &[attempt], lease_ms, true).await?;
     tx.commit().await?;
     Ok(renewal)
 }

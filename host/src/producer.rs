@@ -188,6 +188,7 @@ fn start_worker(context: &ProducerContext, job: FetchedJob, fetched_at: Instant)
             }
             drop(device);
             drop(permit);
+            context.running.ended(job.id);
             context.completer.complete(job, outcome);
             context.slot_freed.notify_one();
         }

@@ -18,6 +18,9 @@ struct RunningJob {
     /// The lease is valid for `lease_duration` from (at least) this instant: the fetch, or the
     /// moment the last successful renewal was sent.
     lease_basis: Instant,
+    /// Its outcome went to the completer: nothing runs any more, so a lease found lost is
+    /// only the completer (or a rescuer) having written it first.
+    ended: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -46,8 +49,17 @@ impl RunningJobs {
                 attempt,
                 cancellation,
                 lease_basis: fetched_at,
+                ended: false,
             },
         );
+    }
+
+    /// The attempt's outcome was handed to the completer; its lease is still renewed until
+    /// the end is written.
+    pub fn ended(&self, id: JobId) {
+        if let Some(job) = self.lock().get_mut(&id) {
+            job.ended = true;
+        }
     }
 
     pub fn remove(&self, id: JobId) {
@@ -91,7 +103,7 @@ impl RunningJobs {
             let key = (*id, job.attempt);
             if renewed.contains(&key) {
                 job.lease_basis = job.lease_basis.max(sent_at);
-            } else if lost.contains(&key) && job.lease_basis < sent_at {
+            } else if lost.contains(&key) && job.lease_basis < sent_at && !job.ended {
                 tracing::warn!(
                     job_id = id,
                     attempt = job.attempt,

@@ -79,16 +79,21 @@ impl LoadedPlugin {
         label: String,
         component: &Component,
     ) -> Result<Self, String> {
-        let instance_pre = engine.linker.instantiate_pre(component).map_err(|e| {
-            match contract_version_of(&engine.engine, component) {
-                Some(version) if version != super::CONTRACT_VERSION => format!(
+        // Checked first: a component of another version may even link (an interface of
+        // types only matches anything) and fail later with a less helpful message.
+        if let Some(version) = contract_version_of(&engine.engine, component) {
+            if version != super::CONTRACT_VERSION {
+                return Err(format!(
                     "it was built against hangar:policy@{version}, and this hangar implements \
-                     hangar:policy@{}: rebuild it against this hangar's wit/ ({e:#})",
+                     hangar:policy@{}: rebuild it against this hangar's wit/",
                     super::CONTRACT_VERSION
-                ),
-                _ => format!("{e:#}"),
+                ));
             }
-        })?;
+        }
+        let instance_pre = engine
+            .linker
+            .instantiate_pre(component)
+            .map_err(|e| format!("{e:#}"))?;
         let pre = match kind {
             PluginKind::RetryPolicy => Pre::Retry(
                 retry::RetryPolicyPluginPre::new(instance_pre).map_err(|e| format!("{e:#}"))?,

@@ -28,6 +28,9 @@ pub struct CallLimits {
     pub memory_bytes: usize,
     /// Calls that may run at once in this process (sizes the pooling allocator).
     pub concurrent_calls: u32,
+    /// Reset written pages in place where that is safe from swap (see
+    /// [`memory_reset_in_place_is_safe`]). Default true.
+    pub reset_in_place: bool,
 }
 
 impl Default for CallLimits {
@@ -37,6 +40,7 @@ impl Default for CallLimits {
             cleanup_time_budget: Duration::from_secs(60),
             memory_bytes: 16 << 20,
             concurrent_calls: 64,
+            reset_in_place: true,
         }
     }
 }
@@ -57,6 +61,8 @@ pub struct PluginEngine {
     pub limits: CallLimits,
     /// Identifies the engine's code generation: compiled artefacts are cached under it.
     pub compatibility: String,
+    /// Whether finished calls' pages are reset in place (configured, and safe here).
+    pub resets_in_place: bool,
     ticker_stop: Arc<AtomicBool>,
 }
 
@@ -91,7 +97,9 @@ const TABLE_KEEP_RESIDENT: usize = 64 << 10;
 /// PAGEMAP_SCAN (Linux 6.7+), and no swap may be configured. wasmtime 48 resets the written
 /// pages that are *present*; one swapped out during a call would be neither reset nor given
 /// back, and the next instance in the slot would read it (wasmtime PR #14357). Swap turned on
-/// while hangar runs is not seen: restart it after `swapon`.
+/// while hangar runs is not seen: restart it after `swapon`. The same holds, for a far shorter
+/// window, for a page the kernel is migrating (compaction) as the store is dropped; where
+/// that matters, `plugin_memory_reset_in_place = false` turns the whole mode off.
 fn memory_reset_in_place_is_safe() -> bool {
     let swap_configured = match std::fs::read_to_string("/proc/swaps") {
         // A header line, then one line per swap area.
@@ -177,7 +185,7 @@ impl PluginEngine {
         // beyond `keep_resident` is decommitted, so a slot keeps at most that much resident.
         // Without it, keeping pages resident means a blind memset of the low addresses, which
         // for a Rust guest (its stack ends 1 MiB in) costs more than the faults it saves.
-        let reset_in_place = memory_reset_in_place_is_safe();
+        let reset_in_place = limits.reset_in_place && memory_reset_in_place_is_safe();
         if reset_in_place {
             pooling
                 .pagemap_scan(wasmtime::Enabled::Auto)
@@ -235,6 +243,7 @@ impl PluginEngine {
             linker,
             limits,
             compatibility,
+            resets_in_place: reset_in_place,
             ticker_stop,
         })
     }

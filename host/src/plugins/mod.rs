@@ -163,4 +163,23 @@ mod contract_tests {
             assert!(kind.world().ends_with(&format!("@{CONTRACT_VERSION}")));
         }
     }
+
+    /// The contract as released under [`CONTRACT_VERSION`]. Editing `wit/policy.wit` fails
+    /// this test on purpose: if a type or function changed, bump the package version and
+    /// [`CONTRACT_VERSION`] (components of the old version will be refused); if only comments
+    /// changed, update the hash.
+    const RELEASED_WIT_SHA256: &str =
+        "f53ca842ec234d49d5e5e9a722491fd66a0a2aee66636639c3d94095aa1d7bf3";
+
+    #[test]
+    fn the_wit_is_the_released_contract_of_its_version() {
+        use sha2::Digest;
+        let wit = include_bytes!("../../../wit/policy.wit");
+        assert_eq!(
+            hex::encode(sha2::Sha256::digest(wit)),
+            RELEASED_WIT_SHA256,
+            "wit/policy.wit changed: bump hangar:policy@{CONTRACT_VERSION} if a type or \
+             function did, else update RELEASED_WIT_SHA256"
+        );
+    }
 }
