@@ -50,3 +50,4 @@ bench:
 	target/release/hangar bench
 	$(MAKE) plugins
 	target/release/hangar bench --election-plugin plugins/target/wasm32-wasip2/release/retry_exponential.wasm
+	target/release/hangar bench --election-plugin plugins/target/wasm32-wasip2/release/retry_exponential.wasm --election-pages-given-back

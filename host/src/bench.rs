@@ -38,14 +38,24 @@ pub struct BenchArgs {
     /// Calls measured by the election benchmark.
     #[arg(long, default_value_t = 20_000)]
     pub election_calls: usize,
+    /// Measure the election with `plugin_memory_reset_in_place` off: every call's pages are
+    /// given back to the kernel.
+    #[arg(long)]
+    pub election_pages_given_back: bool,
 }
 
 /// The election overhead: one retry-policy decision per call, each in a fresh store from the
 /// pre-instantiated component, on one thread, for a job with a detection run's parameters.
-fn bench_election(path: &std::path::Path, calls: usize) -> anyhow::Result<()> {
+fn bench_election(
+    path: &std::path::Path,
+    calls: usize,
+    pages_given_back: bool,
+) -> anyhow::Result<()> {
     use hangar::plugins::adapters::{LoadedPlugin, PolicyJob};
-    let engine =
-        hangar::plugins::engine::process_engine(hangar::plugins::engine::CallLimits::default())?;
+    let engine = hangar::plugins::engine::process_engine(hangar::plugins::engine::CallLimits {
+        reset_in_place: !pages_given_back,
+        ..hangar::plugins::engine::CallLimits::default()
+    })?;
     let engine_resets_in_place = engine.resets_in_place;
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let component = wasmtime::component::Component::new(&engine.engine, &bytes)
@@ -131,8 +141,10 @@ impl JobHandler for StartClock {
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(path) = args.election_plugin.clone() {
-        return tokio::task::spawn_blocking(move || bench_election(&path, args.election_calls))
-            .await?;
+        return tokio::task::spawn_blocking(move || {
+            bench_election(&path, args.election_calls, args.election_pages_given_back)
+        })
+        .await?;
     }
     let dir = tempfile::Builder::new().prefix("hangar-bench-").tempdir()?;
     let (embedded, url) =
