@@ -124,6 +124,12 @@ impl EmbeddedPostgres {
         Ok(server)
     }
 
+    /// The private directory that holds the cluster's Unix socket (outside its data
+    /// directory: socket paths are short).
+    pub fn socket_dir(&self) -> &Path {
+        &self.socket_dir
+    }
+
     /// Connection URL for `database` on the private socket.
     pub fn url(&self, database: &str) -> String {
         format!(

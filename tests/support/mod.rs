@@ -23,10 +23,11 @@ struct Cluster {
 }
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
-static CLUSTER_DIR: OnceLock<PathBuf> = OnceLock::new();
+/// The cluster's data directory and socket directory, removed when the test process exits.
+static CLUSTER_DIRS: OnceLock<[PathBuf; 2]> = OnceLock::new();
 
 extern "C" fn remove_cluster_dir() {
-    if let Some(dir) = CLUSTER_DIR.get() {
+    for dir in CLUSTER_DIRS.get().into_iter().flatten() {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
@@ -45,10 +46,11 @@ fn cluster() -> &'static Cluster {
         };
         let server = EmbeddedPostgres::start(&options).expect("start the test PostgreSQL cluster");
         let url = server.url("postgres");
+        let socket_dir = server.socket_dir().to_owned();
         // The cluster lives as long as the test process: its keeper thread is the postmaster's
         // parent, and PR_SET_PDEATHSIG stops it when the process exits.
         std::mem::forget(server);
-        let _ = CLUSTER_DIR.set(dir);
+        let _ = CLUSTER_DIRS.set([dir, socket_dir]);
         // SAFETY: registering a plain extern "C" function.
         unsafe {
             libc::atexit(remove_cluster_dir);
