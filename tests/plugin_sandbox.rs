@@ -297,31 +297,37 @@ async fn links_planted_by_a_hook_never_lead_hangar_outside_the_run() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn more_calls_at_once_than_the_pool_holds_wait_instead_of_failing() {
+/// `crate_name`'s component as a retry policy on an engine of its own with `limits`; the time
+/// budget is generous, since these tests are about memory and the pool, not the clock (many
+/// threads share 2 cores here).
+fn retry_policy_on(limits: CallLimits, crate_name: &str) -> Arc<LoadedPlugin> {
     let engine = Arc::new(
         PluginEngine::new(CallLimits {
-            concurrent_calls: 4,
-            // This test is about the pool, not the clock (16 threads share 2 cores here).
             time_budget: std::time::Duration::from_secs(30),
-            ..CallLimits::default()
+            ..limits
         })
         .expect("engine"),
     );
-    let bytes = std::fs::read(plugin_wasm("test-retry-a")).expect("component");
+    let bytes = std::fs::read(plugin_wasm(crate_name)).expect("component");
     let component = wasmtime::component::Component::new(&engine.engine, bytes).expect("compile");
-    let plugin = Arc::new(
+    Arc::new(
         LoadedPlugin::link(
             Arc::clone(&engine),
             PluginKind::RetryPolicy,
-            "small-pool".into(),
+            crate_name.into(),
             &component,
         )
         .expect("link"),
-    );
-    let callers: Vec<_> = (0..16)
+    )
+}
+
+type Decided = Result<hangar::election::RetryDecision, hangar::plugins::PluginFault>;
+
+/// `calls` decisions about a first failure on each of `threads` threads at once.
+fn decide_from_threads(plugin: &Arc<LoadedPlugin>, threads: i64, calls: usize) -> Vec<Decided> {
+    let callers: Vec<_> = (0..threads)
         .map(|n| {
-            let plugin = Arc::clone(&plugin);
+            let plugin = Arc::clone(plugin);
             std::thread::spawn(move || {
                 let parameters = std::collections::BTreeMap::new();
                 let job = hangar::plugins::adapters::PolicyJob {
@@ -333,80 +339,54 @@ async fn more_calls_at_once_than_the_pool_holds_wait_instead_of_failing() {
                     parameters: &parameters,
                 };
                 let error = hangar::state::JobError::new("E", "boom");
-                (0..200)
-                    .filter_map(|_| plugin.decide(&job, &error).err())
-                    .inspect(|fault| eprintln!("{fault:?}"))
-                    .count()
+                (0..calls)
+                    .map(|_| plugin.decide(&job, &error))
+                    .collect::<Vec<_>>()
             })
         })
         .collect();
-    let failed: usize = callers
+    callers
         .into_iter()
-        .map(|caller| caller.join().expect("caller"))
-        .sum();
-    assert_eq!(
-        failed, 0,
-        "16 threads on 4 slots: every call waits its turn"
+        .flat_map(|caller| caller.join().expect("caller"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_calls_at_once_than_the_pool_holds_wait_instead_of_failing() {
+    let limits = CallLimits {
+        concurrent_calls: 4,
+        ..CallLimits::default()
+    };
+    let plugin = retry_policy_on(limits, "test-retry-a");
+    let faults: Vec<_> = decide_from_threads(&plugin, 16, 200)
+        .into_iter()
+        .filter_map(Result::err)
+        .collect();
+    assert!(
+        faults.is_empty(),
+        "16 threads on 4 slots: every call waits its turn, yet {faults:?}"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_call_starts_from_a_fresh_instance_however_often_its_slot_is_reused() {
-    // Pages reset in place (where this machine allows it) and pages given back.
-    for reset_in_place in [true, false] {
-        calls_see_nothing_of_earlier_calls(reset_in_place);
-    }
-}
-
-fn calls_see_nothing_of_earlier_calls(reset_in_place: bool) {
     // A small pool, so that each slot serves many calls; the guest counts its calls in its
-    // memory image and marks 512 KiB of zeroed memory, more than a slot keeps resident.
-    let engine = Arc::new(
-        PluginEngine::new(CallLimits {
+    // memory image and marks 512 KiB of zeroed memory, more than a slot keeps resident. Pages
+    // reset in place (where this machine allows it), and pages given back.
+    for reset_in_place in [true, false] {
+        let limits = CallLimits {
             concurrent_calls: 4,
-            time_budget: std::time::Duration::from_secs(30),
             reset_in_place,
             ..CallLimits::default()
-        })
-        .expect("engine"),
-    );
-    let bytes = std::fs::read(plugin_wasm("test-remembers")).expect("component");
-    let component = wasmtime::component::Component::new(&engine.engine, bytes).expect("compile");
-    let plugin = Arc::new(
-        LoadedPlugin::link(
-            Arc::clone(&engine),
-            PluginKind::RetryPolicy,
-            "remembers".into(),
-            &component,
-        )
-        .expect("link"),
-    );
-    let callers: Vec<_> = (0..4)
-        .map(|n| {
-            let plugin = Arc::clone(&plugin);
-            std::thread::spawn(move || {
-                let parameters = std::collections::BTreeMap::new();
-                let job = hangar::plugins::adapters::PolicyJob {
-                    id: n,
-                    kind: "k",
-                    queue: "default",
-                    attempt: 1,
-                    failures: 1,
-                    parameters: &parameters,
-                };
-                let error = hangar::state::JobError::new("E", "boom");
-                (0..100)
-                    .map(|_| plugin.decide(&job, &error).expect("decision"))
-                    .collect::<Vec<_>>()
-            })
-        })
-        .collect();
-    for caller in callers {
-        for decision in caller.join().expect("caller") {
+        };
+        let plugin = retry_policy_on(limits, "test-remembers");
+        for decision in decide_from_threads(&plugin, 4, 100) {
             assert_eq!(
-                decision,
-                hangar::election::RetryDecision::RetryAfter(std::time::Duration::from_millis(1001)),
-                "a call saw what an earlier one left in its slot"
+                decision.expect("decision"),
+                hangar::election::RetryDecision::RetryAfter(std::time::Duration::from_millis(
+                    1001
+                )),
+                "a call saw what an earlier one left in its slot (reset in place: {reset_in_place})"
             );
         }
     }
@@ -414,22 +394,7 @@ fn calls_see_nothing_of_earlier_calls(reset_in_place: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_with_large_parameters_is_decided_by_its_parameters() {
-    let engine = Arc::new(
-        PluginEngine::new(CallLimits {
-            time_budget: std::time::Duration::from_secs(30),
-            ..CallLimits::default()
-        })
-        .expect("engine"),
-    );
-    let bytes = std::fs::read(plugin_wasm("retry-exponential")).expect("component");
-    let component = wasmtime::component::Component::new(&engine.engine, bytes).expect("compile");
-    let plugin = LoadedPlugin::link(
-        Arc::clone(&engine),
-        PluginKind::RetryPolicy,
-        "retry-exponential".into(),
-        &component,
-    )
-    .expect("link");
+    let plugin = retry_policy_on(CallLimits::default(), "retry-exponential");
     // Far more than the plugin's 64 KiB arena: it grows its memory for the rest.
     let parameters = std::collections::BTreeMap::from([
         ("notes".to_owned(), "x".repeat(300_000)),

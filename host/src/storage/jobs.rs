@@ -302,54 +302,65 @@ pub async fn end_attempts(
 /// holding no other. A caller's own transaction that locks several processing jobs (a
 /// continuation on two running parents, say) can deadlock with it; PostgreSQL then aborts one
 /// side, and the completer tries again.
-const END_OWN_ATTEMPTS: &str = "
-    WITH applied AS (
-        UPDATE jobs j
-        SET state = d.state, lease_owner = NULL, lease_expires_at = NULL,
-            scheduled_at = d.scheduled_at, failures = j.failures + d.failures,
-            updated_at = now(),
-            finished_at = CASE WHEN d.state IN ('succeeded', 'failed', 'deleted') THEN now() END
-        FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::text[], $6::jsonb[],
-                    $7::timestamptz[], $8::int[])
-            AS d(id, attempt, owner, state, reason, data, scheduled_at, failures)
-        WHERE j.id = d.id AND j.attempt = d.attempt AND j.lease_owner = d.owner
-          AND j.state = 'processing'
-        RETURNING j.id, j.kind, j.attempt, j.state, j.queue, d.reason, d.data
-    ), history AS (
-        INSERT INTO job_states (job_id, state, attempt, reason, data)
-        SELECT id, state, attempt, reason, data FROM applied
-    )
-    SELECT id, kind, state, queue FROM applied";
+const END_OWN_ATTEMPTS: &str = end_attempts_sql!("", attempt_ends!());
 
 /// The rescuer ends attempts whose lease ran out. It skips rows another transaction holds
 /// (their owner's completer is ending them, or another rescuer): those are either ended
 /// meanwhile or still expired at the next round.
-const END_EXPIRED_ATTEMPTS: &str = "
-    WITH decided AS (
-        SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::text[],
-                             $6::jsonb[], $7::timestamptz[], $8::int[])
-            AS d(id, attempt, owner, state, reason, data, scheduled_at, failures)
-    ), locked AS (
-        SELECT j.id FROM jobs j JOIN decided d ON j.id = d.id
-        WHERE j.attempt = d.attempt AND j.lease_owner = d.owner AND j.state = 'processing'
-          AND j.lease_expires_at < now()
-        FOR NO KEY UPDATE OF j SKIP LOCKED
-    ), applied AS (
-        UPDATE jobs j
-        SET state = d.state, lease_owner = NULL, lease_expires_at = NULL,
-            scheduled_at = d.scheduled_at, failures = j.failures + d.failures,
-            updated_at = now(),
-            finished_at = CASE WHEN d.state IN ('succeeded', 'failed', 'deleted') THEN now() END
-        FROM decided d JOIN locked l ON l.id = d.id
-        -- The fence again, though the rows are locked: cheap, and it keeps the rule visible.
-        WHERE j.id = d.id AND j.attempt = d.attempt AND j.lease_owner = d.owner
-          AND j.state = 'processing'
-        RETURNING j.id, j.kind, j.attempt, j.state, j.queue, d.reason, d.data
-    ), history AS (
-        INSERT INTO job_states (job_id, state, attempt, reason, data)
-        SELECT id, state, attempt, reason, data FROM applied
-    )
-    SELECT id, kind, state, queue FROM applied";
+const END_EXPIRED_ATTEMPTS: &str = end_attempts_sql!(
+    concat!(
+        "decided AS (SELECT * FROM ",
+        attempt_ends!(),
+        "), locked AS (
+            SELECT j.id FROM jobs j JOIN decided d ON j.id = d.id
+            WHERE j.attempt = d.attempt AND j.lease_owner = d.owner AND j.state = 'processing'
+              AND j.lease_expires_at < now()
+            FOR NO KEY UPDATE OF j SKIP LOCKED
+        ), "
+    ),
+    "decided d JOIN locked l ON l.id = d.id"
+);
+
+/// The attempt ends `end_attempts` binds, as the rows `d`.
+macro_rules! attempt_ends {
+    () => {
+        "unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::text[], $6::jsonb[],
+                $7::timestamptz[], $8::int[])
+            AS d(id, attempt, owner, state, reason, data, scheduled_at, failures)"
+    };
+}
+use attempt_ends;
+
+/// Ends the attempts in `d` (drawn `FROM $from`, after the CTEs `$before`) whose fence still
+/// holds, and records each applied state in the history. The fence is checked in the
+/// update itself, on the row version it writes.
+macro_rules! end_attempts_sql {
+    ($before:expr, $from:expr) => {
+        concat!(
+            "WITH ",
+            $before,
+            "applied AS (
+                UPDATE jobs j
+                SET state = d.state, lease_owner = NULL, lease_expires_at = NULL,
+                    scheduled_at = d.scheduled_at, failures = j.failures + d.failures,
+                    updated_at = now(),
+                    finished_at = CASE WHEN d.state IN ('succeeded', 'failed', 'deleted')
+                                       THEN now() END
+                FROM ",
+            $from,
+            "
+                WHERE j.id = d.id AND j.attempt = d.attempt AND j.lease_owner = d.owner
+                  AND j.state = 'processing'
+                RETURNING j.id, j.kind, j.attempt, j.state, j.queue, d.reason, d.data
+            ), history AS (
+                INSERT INTO job_states (job_id, state, attempt, reason, data)
+                SELECT id, state, attempt, reason, data FROM applied
+            )
+            SELECT id, kind, state, queue FROM applied"
+        )
+    };
+}
+use end_attempts_sql;
 
 /// A continuation moved out of Awaiting.
 #[derive(Debug, Clone, sqlx::FromRow)]

@@ -134,19 +134,25 @@ pub async fn set_local_statement_timeout(
     conn: &mut sqlx::PgConnection,
     budget: Duration,
 ) -> Result<(), StorageError> {
-    let budget_ms = budget.as_millis().max(1);
-    conn.execute(format!("SET LOCAL statement_timeout = {budget_ms}").as_str())
-        .await?;
-    Ok(())
+    set_local_milliseconds(conn, "statement_timeout", budget).await
 }
 
-/// Sets `lock_timeout` for the rest of the current transaction.
+/// Limits every wait for a lock in the current transaction to `budget`.
 pub async fn set_local_lock_timeout(
     conn: &mut sqlx::PgConnection,
     budget: Duration,
 ) -> Result<(), StorageError> {
+    set_local_milliseconds(conn, "lock_timeout", budget).await
+}
+
+/// `SET LOCAL setting = ms` (at least 1 ms: 0 would mean no limit).
+async fn set_local_milliseconds(
+    conn: &mut sqlx::PgConnection,
+    setting: &str,
+    budget: Duration,
+) -> Result<(), StorageError> {
     let budget_ms = budget.as_millis().max(1);
-    conn.execute(format!("SET LOCAL lock_timeout = {budget_ms}").as_str())
+    conn.execute(format!("SET LOCAL {setting} = {budget_ms}").as_str())
         .await?;
     Ok(())
 }
