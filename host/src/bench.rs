@@ -97,7 +97,7 @@ fn bench_election(
         }
     }
     timings.sort();
-    let at = |p: f64| timings[((timings.len() - 1) as f64 * p).round() as usize];
+    let at = |p| percentile(&timings, p);
     println!(
         "election overhead ({}, fresh store per call, pages {}, {} calls): p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs",
         path.display(),
@@ -112,6 +112,15 @@ fn bench_election(
         timings.last().copied().unwrap_or_default().as_secs_f64() * 1e6,
     );
     Ok(())
+}
+
+/// The `p`-quantile (0..=1) of `sorted`; zero when there are no samples.
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let last = sorted.len().saturating_sub(1);
+    sorted
+        .get((last as f64 * p).round() as usize)
+        .copied()
+        .unwrap_or_default()
 }
 
 /// Notes when each job started.
@@ -239,7 +248,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         ("enqueue→start", latencies),
     ] {
         samples.sort();
-        let percentile = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize];
+        let percentile = |p| percentile(&samples, p);
         println!(
             "{what} latency over {} jobs: p50 {:.2} ms, p95 {:.2} ms, max {:.2} ms",
             samples.len(),

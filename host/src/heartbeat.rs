@@ -75,9 +75,7 @@ async fn renew(
     if !busy.is_empty() {
         // Rows someone held locked a moment ago (a client's delete, a run's writer, the
         // completer ending them): wait for each briefly, in its own transaction.
-        let again = renew_each_waiting(pool, server_id, &busy, lease_ms, budget / 2).await;
-        renewal.renewed.extend(again.renewed);
-        renewal.lost.extend(again.lost);
+        renewal.absorb(renew_each_waiting(pool, server_id, &busy, lease_ms, budget / 2).await);
     }
     Ok(renewal)
 }
@@ -110,10 +108,7 @@ async fn renew_each_waiting(
         };
         let wait = left.min(Duration::from_millis(500));
         match renew_one_waiting(pool, server_id, *attempt, lease_ms, wait).await {
-            Ok(one) => {
-                renewal.renewed.extend(one.renewed);
-                renewal.lost.extend(one.lost);
-            }
+            Ok(one) => renewal.absorb(one),
             Err(error) => tracing::warn!(
                 %error,
                 server = %server_id,

@@ -315,15 +315,13 @@ impl LoadedPlugin {
 /// built against.
 fn contract_version_of(engine: &wasmtime::Engine, component: &Component) -> Option<String> {
     let ty = component.component_type();
-    let names: Vec<&str> = ty
+    let version = ty
         .imports(engine)
         .map(|(name, _)| name)
         .chain(ty.exports(engine).map(|(name, _)| name))
-        .collect();
-    names
-        .into_iter()
         .filter(|name| name.starts_with("hangar:policy/"))
-        .find_map(|name| name.split_once('@').map(|(_, version)| version.to_owned()))
+        .find_map(|name| name.split_once('@').map(|(_, version)| version.to_owned()));
+    version
 }
 
 fn wit_job(job: &PolicyJob<'_>) -> bindings::Job {

@@ -195,15 +195,7 @@ impl PluginEngine {
                 .pagemap_scan(wasmtime::Enabled::No)
                 .linear_memory_keep_resident(0);
         }
-        tracing::debug!(
-            reset_in_place,
-            "plugin memories: {}",
-            if reset_in_place {
-                "written pages reset in place (PAGEMAP_SCAN, no swap)"
-            } else {
-                "pages given back after each call"
-            }
-        );
+        tracing::debug!(reset_in_place, "plugin memory reset chosen");
         let mut config = Config::new();
         config
             .wasm_component_model(true)

@@ -422,6 +422,14 @@ pub struct LeaseRenewal {
     // say): not renewed this time, and not lost.
 }
 
+impl LeaseRenewal {
+    /// Adds what a later renewal of other attempts found.
+    pub fn absorb(&mut self, other: LeaseRenewal) {
+        self.renewed.extend(other.renewed);
+        self.lost.extend(other.lost);
+    }
+}
+
 /// Renews the leases of the given attempts, as long as `owner` still holds them.
 ///
 /// With `wait_for_locks` false, a row another transaction has locked is skipped, not waited
