@@ -197,6 +197,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let enqueue_took = enqueue_started.elapsed();
     let clock = StartClock::default();
+    let wal_before = WalCounters::read(&pool).await?;
     let started = Instant::now();
     let server = start_server(&config, &pool, &clock).await?;
     // Wait on the handler's signal until every job has started (polling the database while
@@ -221,6 +222,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.jobs as f64 / enqueue_took.as_secs_f64(),
         took.as_secs_f64(),
         args.jobs as f64 / took.as_secs_f64()
+    );
+    let wal = WalCounters::read(&pool).await?.since(&wal_before);
+    println!(
+        "WAL per job: {:.0} bytes, {:.1} records, {:.2} full-page images",
+        wal.bytes / args.jobs as f64,
+        wal.records / args.jobs as f64,
+        wal.full_page_images / args.jobs as f64,
     );
 
     // Latency: one job at a time into an idle server. Pickup: from the enqueue's commit (the
@@ -261,6 +269,39 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     pool.close().await;
     drop(embedded);
     Ok(())
+}
+
+/// The cluster's WAL counters: bytes from the insert position (exact), records and full-page
+/// images from `pg_stat_wal` (as of the backends' last statistics flush, about a second).
+struct WalCounters {
+    bytes: f64,
+    records: f64,
+    full_page_images: f64,
+}
+
+impl WalCounters {
+    async fn read(pool: &sqlx::PgPool) -> anyhow::Result<Self> {
+        let (bytes, records, full_page_images): (f64, f64, f64) = sqlx::query_as(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::float8,
+                    wal_records::float8, wal_fpi::float8
+             FROM pg_stat_wal",
+        )
+        .fetch_one(pool)
+        .await?;
+        Ok(Self {
+            bytes,
+            records,
+            full_page_images,
+        })
+    }
+
+    fn since(&self, earlier: &Self) -> Self {
+        Self {
+            bytes: self.bytes - earlier.bytes,
+            records: self.records - earlier.records,
+            full_page_images: self.full_page_images - earlier.full_page_images,
+        }
+    }
 }
 
 fn ms(duration: Duration) -> f64 {

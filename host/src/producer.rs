@@ -79,6 +79,9 @@ pub async fn run_listener(
 }
 
 pub async fn run_producer(context: ProducerContext, wake: Arc<Notify>, stop: CancellationToken) {
+    // Shared by every worker task it starts: one reference count per job, not a copy of the
+    // handler table and the server's names.
+    let context = Arc::new(context);
     let config = &context.config;
     let lease_ms = i64::try_from(config.lease_duration.as_millis()).unwrap_or(i64::MAX);
     let mut backoff = Duration::from_millis(100);
@@ -144,7 +147,7 @@ pub async fn run_producer(context: ProducerContext, wake: Arc<Notify>, stop: Can
     }
 }
 
-fn start_worker(context: &ProducerContext, job: FetchedJob, fetched_at: Instant) {
+fn start_worker(context: &Arc<ProducerContext>, job: FetchedJob, fetched_at: Instant) {
     // The producer fetched at most the free permits, and only it takes permits.
     let Ok(permit) = Arc::clone(&context.workers).try_acquire_owned() else {
         tracing::error!(
@@ -163,7 +166,7 @@ fn start_worker(context: &ProducerContext, job: FetchedJob, fetched_at: Instant)
         .running
         .insert(job.id, job.attempt, cancellation.clone(), fetched_at);
     let span = tracing::info_span!("job", job_id = job.id, kind = %job.kind, attempt = job.attempt, queue = %job.queue);
-    let context = context.clone();
+    let context = Arc::clone(context);
     tokio::spawn(
         async move {
             let job_context = JobContext {

@@ -18,6 +18,9 @@ use hangar::runs::observer::RunStatusFollower;
 use hangar::server::{RunningServer, ServerParts};
 use hangar::state::NewJob;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "hangar",

@@ -214,8 +214,7 @@ pub async fn fetch(
                        jobs.timeout_ms, jobs.created_at
          ), history AS (
              INSERT INTO job_states (job_id, state, attempt, reason, data)
-             SELECT id, 'processing', attempt, 'fetched', jsonb_build_object('server', $1::text)
-             FROM started
+             SELECT id, 'processing', attempt, 'fetched', $6::jsonb FROM started
          )
          SELECT * FROM started ORDER BY id",
     )
@@ -224,6 +223,8 @@ pub async fn fetch(
     .bind(quotas)
     .bind(limit)
     .bind(lease_ms)
+    // The history entry's data, built once per fetch rather than once per row.
+    .bind(serde_json::json!({ "server": owner }))
     .fetch_all(pool)
     .await?;
     Ok(jobs)
