@@ -363,22 +363,7 @@ async fn the_expirer_removes_finished_jobs_past_retention_only() {
         )
         .await
         .expect("continue");
-    let config = std::sync::Arc::new(hangar::config::Config {
-        job_retention: Duration::ZERO,
-        ..db.config.clone()
-    });
-    let context = hangar::maintenance::MaintenanceContext {
-        pool: db.pool.clone(),
-        config: config.clone(),
-        apply: hangar::completer::ApplyContext {
-            pool: db.pool.clone(),
-            channel: hangar::storage::jobs_channel(&config.schema_name),
-            observers: std::sync::Arc::new(Vec::new()),
-        },
-        policies: hangar::plugins::policies::Policies::builtin_only(
-            hangar::server::builtin_retry_policy(&config),
-        ),
-    };
+    let context = maintenance_context(&db, Duration::ZERO);
     let removed = hangar::maintenance::expirer::run_once(&context)
         .await
         .expect("expire");
@@ -393,4 +378,102 @@ async fn the_expirer_removes_finished_jobs_past_retention_only() {
         "unfinished jobs stay"
     );
     assert_eq!(db.state(child).await, "awaiting");
+}
+
+fn maintenance_context(
+    db: &TestDb,
+    retention: Duration,
+) -> hangar::maintenance::MaintenanceContext {
+    let config = std::sync::Arc::new(hangar::config::Config {
+        job_retention: retention,
+        ..db.config.clone()
+    });
+    hangar::maintenance::MaintenanceContext {
+        pool: db.pool.clone(),
+        config: config.clone(),
+        apply: hangar::completer::ApplyContext {
+            pool: db.pool.clone(),
+            channel: hangar::storage::jobs_channel(&config.schema_name),
+            observers: std::sync::Arc::new(Vec::new()),
+        },
+        policies: hangar::plugins::policies::Policies::builtin_only(
+            hangar::server::builtin_retry_policy(&config),
+        ),
+    }
+}
+
+/// Moves a job's creation (and its end, if it ended) `age` into the past.
+async fn age(db: &TestDb, id: i64, age: Duration) {
+    sqlx::query(
+        "UPDATE jobs SET created_at = created_at - $2 * interval '1 millisecond',
+                         finished_at = finished_at - $2 * interval '1 millisecond'
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(i64::try_from(age.as_millis()).expect("age in ms"))
+    .execute(&db.pool)
+    .await
+    .expect("age the job");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_expirer_walks_the_oldest_jobs_past_unfinished_ones_and_stops_at_recent_ones() {
+    let db = TestDb::new().await;
+    let client = db.client();
+    let hour = Duration::from_secs(3600);
+    let mut finished_long_ago = Vec::new();
+    let mut unfinished_old = Vec::new();
+    // Oldest first, interleaved: expired, unfinished, expired, unfinished, expired.
+    for n in 0..5 {
+        let id = client
+            .enqueue(&NewJob::new("noop", "nowhere"))
+            .await
+            .expect("enqueue");
+        if n % 2 == 0 {
+            client.delete(id).await.expect("finish it");
+            finished_long_ago.push(id);
+        } else {
+            unfinished_old.push(id);
+        }
+        age(&db, id, 3 * hour).await;
+    }
+    // Created long ago but finished just now: kept.
+    let just_finished = client
+        .enqueue(&NewJob::new("noop", "nowhere"))
+        .await
+        .expect("enqueue");
+    age(&db, just_finished, 3 * hour).await;
+    client.delete(just_finished).await.expect("finish it");
+    // Finished within the retention: kept, and the walk stops there (the newest).
+    let recent = client
+        .enqueue(&NewJob::new("noop", "nowhere"))
+        .await
+        .expect("enqueue");
+    client.delete(recent).await.expect("finish it");
+
+    // One job per statement, so the walk crosses several steps and every kind of job.
+    let context = maintenance_context(&db, hour);
+    let removed = hangar::maintenance::expirer::run_in_chunks(&context, 1)
+        .await
+        .expect("expire");
+    assert_eq!(removed, finished_long_ago.len());
+    for id in finished_long_ago {
+        assert!(
+            client.details(id).await.expect("details").is_none(),
+            "job {id} finished 3 h ago is gone"
+        );
+    }
+    for id in unfinished_old {
+        assert_eq!(db.state(id).await, "enqueued", "an unfinished job stays");
+    }
+    assert_eq!(db.state(recent).await, "deleted", "a recent one stays");
+    assert_eq!(
+        db.state(just_finished).await,
+        "deleted",
+        "one that just ended stays"
+    );
+    let again = hangar::maintenance::expirer::run_once(&context)
+        .await
+        .expect("expire again");
+    assert_eq!(again, 0, "nothing left to expire");
 }
