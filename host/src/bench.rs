@@ -22,8 +22,9 @@ pub struct BenchArgs {
     /// Jobs in the throughput burst.
     #[arg(long, default_value_t = 100_000)]
     pub jobs: usize,
-    /// Workers of the server under test.
-    #[arg(long, default_value_t = 1000)]
+    /// Workers of the server under test (for no-op jobs, how many it fetches at once: 2000
+    /// measured fastest here, 1000 about a tenth slower).
+    #[arg(long, default_value_t = 2000)]
     pub workers: usize,
     /// Jobs enqueued one at a time for the latency measurement.
     #[arg(long, default_value_t = 2000)]
@@ -187,55 +188,75 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(1, |n| n.get()),
     );
 
-    // Throughput: the burst is in the queue before the server starts; the clock runs from the
-    // server's start until the last job's Succeeded state is committed.
-    let enqueue_started = Instant::now();
-    for chunk_start in (0..args.jobs).step_by(10_000) {
-        let size = 10_000.min(args.jobs - chunk_start);
-        let burst: Vec<NewJob> = (0..size).map(|_| NewJob::new("clock", "default")).collect();
-        client.enqueue_many(&burst).await?;
-    }
-    let enqueue_took = enqueue_started.elapsed();
-    let clock = StartClock::default();
-    let wal_before = WalCounters::read(&pool).await?;
-    let started = Instant::now();
-    let server = start_server(&config, &pool, &clock).await?;
-    // Wait on the handler's signal until every job has started (polling the database while
-    // it works would load the system under test), then for the last completions to commit.
-    while clock.started_count() < args.jobs {
-        let notified = clock.notify.notified();
-        if clock.started_count() >= args.jobs {
-            break;
+    // Throughput, twice: on the fresh cluster, then again once it has run one burst (its WAL
+    // segments exist, tables and indexes have grown, caches are filled), as on a server that
+    // has been up a while. The second is the figure to compare.
+    let mut server: Option<(RunningServer, StartClock)> = None;
+    for what in ["cold cluster", "warm cluster"] {
+        if let Some((running, _)) = server.take() {
+            running.shutdown().await;
         }
-        tokio::time::timeout(Duration::from_secs(60), notified)
-            .await
-            .context("no job started within 60 s")?;
+        let clock = StartClock::default();
+        let (burst, running) = run_burst(&client, &config, &pool, &clock, args.jobs).await?;
+        println!(
+            "throughput ({what}): {} jobs enqueued in {:.2}s ({:.0}/s); processed end to end in {:.2}s = {:.0} jobs/s",
+            args.jobs,
+            burst.enqueue_took.as_secs_f64(),
+            args.jobs as f64 / burst.enqueue_took.as_secs_f64(),
+            burst.took.as_secs_f64(),
+            args.jobs as f64 / burst.took.as_secs_f64()
+        );
+        let per_job = |total: f64| total / args.jobs as f64;
+        println!(
+            "  per job: WAL {:.0} bytes, {:.1} records, {:.2} full-page images; CPU busy {}",
+            per_job(burst.wal.bytes),
+            per_job(burst.wal.records),
+            per_job(burst.wal.full_page_images),
+            burst.cpu.map_or("unknown".into(), |cpu| format!(
+                "{:.1} µs, idle {:.0} % of the machine",
+                per_job(cpu.busy_seconds) * 1e6,
+                cpu.idle_share() * 100.0
+            )),
+        );
+        server = Some((running, clock));
     }
-    while storage::jobs::count_unfinished(&pool).await? > 0 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    let took = started.elapsed();
-    println!(
-        "throughput: {} jobs enqueued in {:.2}s ({:.0}/s); processed end to end in {:.2}s = {:.0} jobs/s",
-        args.jobs,
-        enqueue_took.as_secs_f64(),
-        args.jobs as f64 / enqueue_took.as_secs_f64(),
-        took.as_secs_f64(),
-        args.jobs as f64 / took.as_secs_f64()
-    );
-    let wal = WalCounters::read(&pool).await?.since(&wal_before);
-    println!(
-        "WAL per job: {:.0} bytes, {:.1} records, {:.2} full-page images",
-        wal.bytes / args.jobs as f64,
-        wal.records / args.jobs as f64,
-        wal.full_page_images / args.jobs as f64,
-    );
+    let (server, clock) = server.context("no burst ran")?;
 
-    // Latency: one job at a time into an idle server. Pickup: from the enqueue's commit (the
-    // client's call returned) to the handler; enqueue→start adds the client's own commit.
-    let mut latencies = Vec::with_capacity(args.latency_samples);
-    let mut pickups = Vec::with_capacity(args.latency_samples);
-    for _ in 0..args.latency_samples {
+    // Latency: right after the bursts, the index of ready jobs still holds their dead entries,
+    // which every fetch walks past until a vacuum removes them; then as autovacuum leaves it.
+    let after_bursts = (args.latency_samples / 4).max(1);
+    print_latency(
+        &format!("right after the bursts, {after_bursts} jobs"),
+        &measure_latency(&client, &clock, after_bursts).await?,
+    );
+    storage::jobs::vacuum(&pool).await?;
+    print_latency(
+        &format!("after a vacuum, {} jobs", args.latency_samples),
+        &measure_latency(&client, &clock, args.latency_samples).await?,
+    );
+    server.shutdown().await;
+    pool.close().await;
+    drop(embedded);
+    Ok(())
+}
+
+/// Pickup (from the enqueue's commit, when the client's call returned, to the handler) and
+/// enqueue→start (adding the client's own commit), one job at a time into an idle server.
+struct Latency {
+    pickups: Vec<Duration>,
+    enqueue_to_start: Vec<Duration>,
+}
+
+async fn measure_latency(
+    client: &Client,
+    clock: &StartClock,
+    samples: usize,
+) -> anyhow::Result<Latency> {
+    let mut latency = Latency {
+        pickups: Vec::with_capacity(samples),
+        enqueue_to_start: Vec::with_capacity(samples),
+    };
+    for _ in 0..samples {
         let before = Instant::now();
         let id = client.enqueue(&NewJob::new("clock", "default")).await?;
         let committed = Instant::now();
@@ -248,27 +269,127 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 .await
                 .context("a job did not start within 10 s")?;
         };
-        latencies.push(start.duration_since(before));
-        pickups.push(start.saturating_duration_since(committed));
+        latency.enqueue_to_start.push(start.duration_since(before));
+        latency
+            .pickups
+            .push(start.saturating_duration_since(committed));
     }
-    for (what, mut samples) in [
-        ("pickup (commit→start)", pickups),
-        ("enqueue→start", latencies),
+    latency.pickups.sort();
+    latency.enqueue_to_start.sort();
+    Ok(latency)
+}
+
+fn print_latency(when: &str, latency: &Latency) {
+    for (what, samples) in [
+        ("pickup (commit→start)", &latency.pickups),
+        ("enqueue→start", &latency.enqueue_to_start),
     ] {
-        samples.sort();
-        let percentile = |p| percentile(&samples, p);
         println!(
-            "{what} latency over {} jobs: p50 {:.2} ms, p95 {:.2} ms, max {:.2} ms",
-            samples.len(),
-            ms(percentile(0.50)),
-            ms(percentile(0.95)),
-            ms(*samples.last().unwrap_or(&Duration::ZERO)),
+            "{what} latency, {when}: p50 {:.2} ms, p95 {:.2} ms, max {:.2} ms",
+            ms(percentile(samples, 0.50)),
+            ms(percentile(samples, 0.95)),
+            ms(samples.last().copied().unwrap_or_default()),
         );
     }
-    server.shutdown().await;
-    pool.close().await;
-    drop(embedded);
-    Ok(())
+}
+
+/// What one burst measured.
+struct Burst {
+    enqueue_took: Duration,
+    took: Duration,
+    wal: WalCounters,
+    cpu: Option<CpuCounters>,
+}
+
+/// Enqueues `jobs` no-op jobs, then starts a server and waits until all have ended. The clock
+/// runs from the server's start until the last job's Succeeded state is committed.
+async fn run_burst(
+    client: &Client,
+    config: &Config,
+    pool: &sqlx::PgPool,
+    clock: &StartClock,
+    jobs: usize,
+) -> anyhow::Result<(Burst, RunningServer)> {
+    let enqueue_started = Instant::now();
+    for chunk_start in (0..jobs).step_by(10_000) {
+        let size = 10_000.min(jobs - chunk_start);
+        let burst: Vec<NewJob> = (0..size).map(|_| NewJob::new("clock", "default")).collect();
+        client.enqueue_many(&burst).await?;
+    }
+    let enqueue_took = enqueue_started.elapsed();
+    let wal_before = WalCounters::read(pool).await?;
+    let cpu_before = CpuCounters::read();
+    let started = Instant::now();
+    let server = start_server(config, pool, clock).await?;
+    // Wait on the handler's signal until every job has started (polling the database while
+    // it works would load the system under test), then for the last completions to commit.
+    while clock.started_count() < jobs {
+        let notified = clock.notify.notified();
+        if clock.started_count() >= jobs {
+            break;
+        }
+        tokio::time::timeout(Duration::from_secs(60), notified)
+            .await
+            .context("no job started within 60 s")?;
+    }
+    while storage::jobs::count_unfinished(pool).await? > 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let took = started.elapsed();
+    let cpu = cpu_before
+        .zip(CpuCounters::read())
+        .map(|(before, after)| after.since(&before));
+    let wal = WalCounters::read(pool).await?.since(&wal_before);
+    let burst = Burst {
+        enqueue_took,
+        took,
+        wal,
+        cpu,
+    };
+    Ok((burst, server))
+}
+
+/// The machine's CPU time from /proc/stat (all processes: hangar and PostgreSQL alike), in
+/// seconds. Busy time per job is steadier than throughput on a shared machine, whose speed
+/// drifts from one minute to the next.
+struct CpuCounters {
+    busy_seconds: f64,
+    idle_seconds: f64,
+}
+
+impl CpuCounters {
+    fn read() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let fields: Vec<f64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|field| field.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal …, in clock ticks.
+        let ticks =
+            |range: std::ops::Range<usize>| fields.get(range).map(|f| f.iter().sum::<f64>());
+        // SAFETY: sysconf only reads a configuration value.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let busy = ticks(0..3)? + ticks(5..7)?;
+        let idle = ticks(3..5)?;
+        Some(Self {
+            busy_seconds: busy / per_second,
+            idle_seconds: idle / per_second,
+        })
+    }
+
+    fn since(&self, earlier: &Self) -> Self {
+        Self {
+            busy_seconds: self.busy_seconds - earlier.busy_seconds,
+            idle_seconds: self.idle_seconds - earlier.idle_seconds,
+        }
+    }
+
+    fn idle_share(&self) -> f64 {
+        self.idle_seconds / (self.busy_seconds + self.idle_seconds).max(f64::EPSILON)
+    }
 }
 
 /// The cluster's WAL counters: bytes from the insert position (exact), records and full-page

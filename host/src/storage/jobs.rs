@@ -651,6 +651,15 @@ pub async fn history(conn: &mut PgConnection, id: JobId) -> Result<Vec<HistoryEn
     Ok(rows)
 }
 
+/// Vacuums the job tables now, as autovacuum would in a while (the benchmark, between its
+/// phases).
+pub async fn vacuum(pool: &PgPool) -> Result<()> {
+    sqlx::query("VACUUM (ANALYZE) jobs, job_states")
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
 /// Job counts per state (for operators and the benchmark).
 pub async fn count_by_state(pool: &PgPool) -> Result<Vec<(String, i64)>> {
     let rows = sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state ORDER BY state")
