@@ -444,12 +444,20 @@ async fn the_expirer_walks_the_oldest_jobs_past_unfinished_ones_and_stops_at_rec
         .expect("enqueue");
     age(&db, just_finished, 3 * hour).await;
     client.delete(just_finished).await.expect("finish it");
-    // Finished within the retention: kept, and the walk stops there (the newest).
+    // Finished within the retention: kept, and the walk stops there.
     let recent = client
         .enqueue(&NewJob::new("noop", "nowhere"))
         .await
         .expect("enqueue");
     client.delete(recent).await.expect("finish it");
+    // Past the retention but after the stop (as a job from a long transaction can be): this
+    // run does not reach it.
+    let beyond_the_stop = client
+        .enqueue(&NewJob::new("noop", "nowhere"))
+        .await
+        .expect("enqueue");
+    client.delete(beyond_the_stop).await.expect("finish it");
+    age(&db, beyond_the_stop, 3 * hour).await;
 
     // One job per statement, so the walk crosses several steps and every kind of job.
     let context = maintenance_context(&db, hour);
@@ -457,12 +465,24 @@ async fn the_expirer_walks_the_oldest_jobs_past_unfinished_ones_and_stops_at_rec
         .await
         .expect("expire");
     assert_eq!(removed, finished_long_ago.len());
-    for id in finished_long_ago {
+    for id in &finished_long_ago {
         assert!(
-            client.details(id).await.expect("details").is_none(),
+            client.details(*id).await.expect("details").is_none(),
             "job {id} finished 3 h ago is gone"
         );
     }
+    let history_left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM job_states WHERE job_id = ANY($1)")
+            .bind(&finished_long_ago)
+            .fetch_one(&db.pool)
+            .await
+            .expect("count history");
+    assert_eq!(history_left, 0, "their history went with them");
+    assert_eq!(
+        db.state(beyond_the_stop).await,
+        "deleted",
+        "the walk stopped at the first recent job"
+    );
     for id in unfinished_old {
         assert_eq!(db.state(id).await, "enqueued", "an unfinished job stays");
     }
@@ -472,8 +492,15 @@ async fn the_expirer_walks_the_oldest_jobs_past_unfinished_ones_and_stops_at_rec
         "deleted",
         "one that just ended stays"
     );
+    // The next run (once `recent` has aged too) gets to it.
+    age(&db, recent, 3 * hour).await;
     let again = hangar::maintenance::expirer::run_once(&context)
         .await
         .expect("expire again");
-    assert_eq!(again, 0, "nothing left to expire");
+    assert_eq!(again, 2, "the recent job, now old, and the one beyond it");
+    assert!(client
+        .details(beyond_the_stop)
+        .await
+        .expect("details")
+        .is_none());
 }

@@ -19,7 +19,7 @@ use hangar::storage;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Jobs in the throughput burst.
+    /// Jobs in each of the two throughput bursts.
     #[arg(long, default_value_t = 100_000)]
     pub jobs: usize,
     /// Workers of the server under test (for no-op jobs, how many it fetches at once: 2000
@@ -172,9 +172,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let pool = storage::connect(&url, &config, 20).await?;
     storage::migrate(&pool, &config.schema_name).await?;
+    // For the WAL records per job; without it the bench reports bytes only.
+    if let Err(error) = storage::install_wal_inspection(&pool).await {
+        eprintln!("pg_walinspect is not available ({error}); WAL is reported in bytes only");
+    }
     let client = Client::new(pool.clone(), &config.schema_name);
     println!(
-        "hangar bench: {} no-op jobs, {} workers, PostgreSQL {} (embedded, {}), {} CPUs",
+        "hangar bench: {} no-op jobs per burst, {} workers, PostgreSQL {} (embedded, {}), {} CPUs",
         args.jobs,
         args.workers,
         sqlx::query_scalar::<_, String>("SHOW server_version")
@@ -195,6 +199,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     for what in ["cold cluster", "warm cluster"] {
         if let Some((running, _)) = server.take() {
             running.shutdown().await;
+            // What autovacuum would do between two bursts, done now so that it does not
+            // land in the middle of the measured one.
+            storage::jobs::vacuum(&pool).await?;
         }
         let clock = StartClock::default();
         let (burst, running) = run_burst(&client, &config, &pool, &clock, args.jobs).await?;
@@ -207,11 +214,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             args.jobs as f64 / burst.took.as_secs_f64()
         );
         let per_job = |total: f64| total / args.jobs as f64;
+        let wal = match burst.wal.records_and_images {
+            Some((records, images)) => format!(
+                "{:.0} bytes, {:.1} records, {:.0} bytes of full-page images",
+                per_job(burst.wal.bytes),
+                per_job(records),
+                per_job(images)
+            ),
+            None => format!("{:.0} bytes", per_job(burst.wal.bytes)),
+        };
         println!(
-            "  per job: WAL {:.0} bytes, {:.1} records, {:.2} full-page images; CPU busy {}",
-            per_job(burst.wal.bytes),
-            per_job(burst.wal.records),
-            per_job(burst.wal.full_page_images),
+            "  per job: WAL {wal}; CPU busy {}",
             burst.cpu.map_or("unknown".into(), |cpu| format!(
                 "{:.1} µs, idle {:.0} % of the machine",
                 per_job(cpu.busy_seconds) * 1e6,
@@ -297,7 +310,7 @@ fn print_latency(when: &str, latency: &Latency) {
 struct Burst {
     enqueue_took: Duration,
     took: Duration,
-    wal: WalCounters,
+    wal: WalWritten,
     cpu: Option<CpuCounters>,
 }
 
@@ -317,7 +330,7 @@ async fn run_burst(
         client.enqueue_many(&burst).await?;
     }
     let enqueue_took = enqueue_started.elapsed();
-    let wal_before = WalCounters::read(pool).await?;
+    let wal_before = wal_position(pool).await?;
     let cpu_before = CpuCounters::read();
     let started = Instant::now();
     let server = start_server(config, pool, clock).await?;
@@ -339,7 +352,7 @@ async fn run_burst(
     let cpu = cpu_before
         .zip(CpuCounters::read())
         .map(|(before, after)| after.since(&before));
-    let wal = WalCounters::read(pool).await?.since(&wal_before);
+    let wal = wal_written_since(pool, &wal_before).await?;
     let burst = Burst {
         enqueue_took,
         took,
@@ -349,8 +362,8 @@ async fn run_burst(
     Ok((burst, server))
 }
 
-/// The machine's CPU time from /proc/stat (all processes: hangar and PostgreSQL alike), in
-/// seconds. Busy time per job is steadier than throughput on a shared machine, whose speed
+/// The machine's CPU time from /proc/stat (every process: hangar, PostgreSQL, and anything
+/// else running, so measure on a quiet machine), in seconds. Busy time per job is steadier than throughput on a shared machine, whose speed
 /// drifts from one minute to the next.
 struct CpuCounters {
     busy_seconds: f64,
@@ -392,37 +405,43 @@ impl CpuCounters {
     }
 }
 
-/// The cluster's WAL counters: bytes from the insert position (exact), records and full-page
-/// images from `pg_stat_wal` (as of the backends' last statistics flush, about a second).
-struct WalCounters {
+/// The WAL a burst wrote, read from the WAL itself between two positions: the statistics
+/// views lag (a backend that goes idle keeps its counts for up to ten seconds).
+struct WalWritten {
     bytes: f64,
-    records: f64,
-    full_page_images: f64,
+    /// Records and full-page-image bytes, from pg_walinspect; None where it is not installed.
+    records_and_images: Option<(f64, f64)>,
 }
 
-impl WalCounters {
-    async fn read(pool: &sqlx::PgPool) -> anyhow::Result<Self> {
-        let (bytes, records, full_page_images): (f64, f64, f64) = sqlx::query_as(
-            "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::float8,
-                    wal_records::float8, wal_fpi::float8
-             FROM pg_stat_wal",
-        )
+/// The position up to which the WAL is flushed (every commit of a burst is, by its end).
+async fn wal_position(pool: &sqlx::PgPool) -> anyhow::Result<String> {
+    Ok(
+        sqlx::query_scalar("SELECT pg_current_wal_flush_lsn()::text")
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+async fn wal_written_since(pool: &sqlx::PgPool, from: &str) -> anyhow::Result<WalWritten> {
+    let to = wal_position(pool).await?;
+    let bytes: f64 = sqlx::query_scalar("SELECT pg_wal_lsn_diff($2::pg_lsn, $1::pg_lsn)::float8")
+        .bind(from)
+        .bind(&to)
         .fetch_one(pool)
         .await?;
-        Ok(Self {
-            bytes,
-            records,
-            full_page_images,
-        })
-    }
-
-    fn since(&self, earlier: &Self) -> Self {
-        Self {
-            bytes: self.bytes - earlier.bytes,
-            records: self.records - earlier.records,
-            full_page_images: self.full_page_images - earlier.full_page_images,
-        }
-    }
+    let records_and_images = sqlx::query_as::<_, (f64, f64)>(
+        "SELECT coalesce(sum(count), 0)::float8, coalesce(sum(fpi_size), 0)::float8
+         FROM pg_get_wal_stats($1::pg_lsn, $2::pg_lsn)",
+    )
+    .bind(from)
+    .bind(&to)
+    .fetch_one(pool)
+    .await
+    .ok();
+    Ok(WalWritten {
+        bytes,
+        records_and_images,
+    })
 }
 
 fn ms(duration: Duration) -> f64 {

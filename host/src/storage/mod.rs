@@ -161,3 +161,11 @@ async fn set_local_milliseconds(
 pub fn plugins_channel(schema: &str) -> String {
     format!("hangar_{schema}_plugins")
 }
+
+/// Installs pg_walinspect (PostgreSQL 15's reader of the WAL itself), for the benchmark.
+pub async fn install_wal_inspection(pool: &PgPool) -> Result<(), StorageError> {
+    sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+        .execute(pool)
+        .await?;
+    Ok(())
+}
