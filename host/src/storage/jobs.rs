@@ -310,11 +310,33 @@ pub async fn end_attempts(
 /// Turns nested-loop joins off for the statements that take many held jobs at once (see the
 /// module documentation), until [`allow_nested_loops`] in the same transaction.
 async fn forbid_nested_loops(conn: &mut PgConnection) -> Result<()> {
-    sqlx::query("SET LOCAL enable_nestloop = off")
-        .execute(conn)
-        .await?;
+    sqlx::query(NESTED_LOOPS_OFF).execute(conn).await?;
     Ok(())
 }
+
+#[doc(hidden)]
+pub const NESTED_LOOPS_OFF: &str = "SET LOCAL enable_nestloop = off";
+
+/// The statements over many held jobs, named, with their parameter types: the plan test
+/// (`tests/ownership.rs`) prepares each and checks its generic plan.
+#[doc(hidden)]
+pub const HELD_JOB_STATEMENTS: [(&str, &str, &str); 4] = [
+    ("end_own_attempts", END_OWN_ATTEMPTS, ATTEMPT_END_TYPES),
+    (
+        "end_expired_attempts",
+        END_EXPIRED_ATTEMPTS,
+        ATTEMPT_END_TYPES,
+    ),
+    (
+        "renew_leases_skipping_locked",
+        RENEW_LEASES_SKIPPING_LOCKED,
+        RENEWAL_TYPES,
+    ),
+    ("renew_leases_waiting", RENEW_LEASES_WAITING, RENEWAL_TYPES),
+];
+const ATTEMPT_END_TYPES: &str =
+    "bigint[], int[], text[], text[], text[], jsonb[], timestamptz[], int[]";
+const RENEWAL_TYPES: &str = "text, bigint, bigint[], int[]";
 
 /// Restores the planner's choice for the rest of the caller's transaction.
 async fn allow_nested_loops(conn: &mut PgConnection) -> Result<()> {
@@ -522,7 +544,7 @@ macro_rules! renew_leases_sql {
              FROM held h LEFT JOIN renewed r ON r.id = h.id AND r.attempt = h.attempt
              WHERE r.id IS NOT NULL
                 OR NOT EXISTS (SELECT 1 FROM jobs j
-                               WHERE j.id = h.id AND j.attempt = h.attempt
+                               WHERE j.id = ANY($3) AND j.id = h.id AND j.attempt = h.attempt
                                  AND j.lease_owner = $1)"
         )
     };
