@@ -314,6 +314,12 @@ async fn forbid_nested_loops(conn: &mut PgConnection) -> Result<()> {
     Ok(())
 }
 
+/// Restores the planner's choice for the rest of the caller's transaction.
+async fn allow_nested_loops(conn: &mut PgConnection) -> Result<()> {
+    sqlx::query("RESET enable_nestloop").execute(conn).await?;
+    Ok(())
+}
+
 #[doc(hidden)]
 pub const NESTED_LOOPS_OFF: &str = "SET LOCAL enable_nestloop = off";
 
@@ -337,12 +343,6 @@ pub const HELD_JOB_STATEMENTS: [(&str, &str, &str); 4] = [
 const ATTEMPT_END_TYPES: &str =
     "bigint[], int[], text[], text[], text[], jsonb[], timestamptz[], int[]";
 const RENEWAL_TYPES: &str = "text, bigint, bigint[], int[]";
-
-/// Restores the planner's choice for the rest of the caller's transaction.
-async fn allow_nested_loops(conn: &mut PgConnection) -> Result<()> {
-    sqlx::query("RESET enable_nestloop").execute(conn).await?;
-    Ok(())
-}
 
 /// The owner's completer ends the attempts it ran: one pass over the rows, each updated where
 /// its fence still holds (under READ COMMITTED a row changed meanwhile is re-checked against
